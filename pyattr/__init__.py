@@ -1,0 +1,18 @@
+"""pyattr: where does a language model keep its refusals?
+
+Fast safety attribution by pruning and low-rank modification (Wei et al., ICML 2024) on any
+Hugging Face decoder model. See README.md for the workflow.
+"""
+
+from . import ops
+from .covariance import CovarianceStats, NonFiniteActivationError, StreamingCovariance
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CovarianceStats",
+    "NonFiniteActivationError",
+    "StreamingCovariance",
+    "__version__",
+    "ops",
+]

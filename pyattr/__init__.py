@@ -6,13 +6,27 @@ Hugging Face decoder model. See README.md for the workflow.
 
 from . import ops
 from .covariance import CovarianceStats, NonFiniteActivationError, StreamingCovariance
+from .selection import (
+    SetDifference,
+    matrix_topk_mask,
+    nm_mask,
+    set_difference_mask,
+    snip_mask,
+    wanda_mask,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CovarianceStats",
     "NonFiniteActivationError",
+    "SetDifference",
     "StreamingCovariance",
     "__version__",
+    "matrix_topk_mask",
+    "nm_mask",
     "ops",
+    "set_difference_mask",
+    "snip_mask",
+    "wanda_mask",
 ]

@@ -21,6 +21,7 @@ __all__ = [
     "backends",
     "extension_error",
     "force_backend",
+    "selection_backend",
     "staging_dtype",
     "sumsq_gather",
     "syrk_upper_",
@@ -63,7 +64,7 @@ def _native_cuda() -> bool:
 
 
 def _use_native(device: torch.device) -> bool:
-    if _forced == "torch":
+    if _forced in ("torch", "triton"):
         return False
     if _load_extension() is None:
         _warn_fallback()
@@ -89,10 +90,12 @@ def _warn_fallback() -> None:
 
 @contextlib.contextmanager
 def force_backend(name: str | None) -> Iterator[None]:
-    """Within the block, use ``"torch"`` (plain PyTorch) or ``None`` (the best available)."""
+    """Within the block, use ``"torch"`` (plain PyTorch), ``"triton"`` (the Triton selection
+    kernels even for CPU tensors: needs ``TRITON_INTERPRET=1``, for tests) or ``None`` (the best
+    available)."""
     global _forced
-    if name not in (None, "torch"):
-        raise ValueError(f"backend must be 'torch' or None, got {name!r}")
+    if name not in (None, "torch", "triton"):
+        raise ValueError(f"backend must be 'torch', 'triton' or None, got {name!r}")
     previous, _forced = _forced, name
     try:
         yield
@@ -115,9 +118,48 @@ def backends() -> dict[str, str]:
         cuda = "PyTorch (cuBLAS); pyattr._C was built without CUDA"
     else:
         cuda = "PyTorch fallback (cuBLAS)"
+    selection_cuda = (
+        "Triton kernels (pyattr.kernels)"
+        if _triton_ok()
+        else (f"PyTorch (Triton unavailable: {_triton_error})")
+    )
+    selection_cpu = "PyTorch (per-row kthvalue threshold)"
     if _forced == "torch":
-        native_cpu = cuda = "PyTorch (forced)"
-    return {"covariance[cpu]": native_cpu, "covariance[cuda]": cuda}
+        native_cpu = cuda = selection_cuda = selection_cpu = "PyTorch (forced)"
+    return {
+        "covariance[cpu]": native_cpu,
+        "covariance[cuda]": cuda,
+        "selection[cpu]": selection_cpu,
+        "selection[cuda]": selection_cuda,
+    }
+
+
+_triton_error: str | None = None
+
+
+def _triton_ok() -> bool:
+    """Whether Triton imports (it is not needed on CPU-only machines)."""
+    global _triton_error
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:
+        _triton_error = str(exc)
+        return False
+    return True
+
+
+def selection_backend(weight: torch.Tensor, *, per_row: bool) -> str:
+    """``"triton"`` or ``"torch"`` for a selection op on ``weight``. Rows wider than the
+    register-resident row kernels hold (32768 columns) take the PyTorch path."""
+    if _forced == "torch":
+        return "torch"
+    if _forced == "triton":
+        return "triton"
+    if not weight.is_cuda or not _triton_ok():
+        return "torch"
+    from pyattr.kernels.row_topk import MAX_TRITON_COLS
+
+    return "triton" if not per_row or weight.shape[1] <= MAX_TRITON_COLS else "torch"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,8 +1,13 @@
 """The benchmark scripts stay runnable: a smoke run at tiny sizes (no timing is asserted)."""
 
-from benchmarks.covariance import main
+from benchmarks import covariance, selection
 
 
 def test_covariance_benchmark_smoke():
-    out = main(["--quick", "--reps", "1"])
+    out = covariance.main(["--quick", "--reps", "1"])
     assert "| pyattr |" in out and "rel. error" in out
+
+
+def test_selection_benchmark_smoke():
+    out = selection.main(["--quick", "--reps", "1"])
+    assert "set difference" in out and "% copy" in out

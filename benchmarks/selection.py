@@ -1,0 +1,145 @@
+"""Selection kernels: pyattr's fused paths against the reference way, in the same run.
+
+    python -m benchmarks.selection            # GPU sizes with CUDA, else CPU sizes
+    python -m benchmarks.selection --quick    # tiny sizes, a smoke run
+
+Reference (what the released code did): materialise the fp32 scores, sort every row (or the
+flattened matrix), scatter the mask (``pyattr.kernels.*_ref``, the tests' reference). pyattr:
+the Triton kernels on CUDA, the PyTorch path (kthvalue threshold, no sort) on the CPU.
+Bytes counted (the floor any implementation must move): W read (2 B/entry for bf16), the
+statistics read (4 B per column for Wanda, 4 B/entry for SNIP), the mask written (1 B/entry,
+bool). "% copy" is that rate over the device's measured copy bandwidth (a large tensor copy,
+read + write). Peak extra memory (CUDA) is the allocator's peak above the inputs and output.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from pyattr.kernels.matrix_topk import matrix_topk_ref
+from pyattr.kernels.row_topk import row_topk_ref
+from pyattr.kernels.scores import scores_ref, wanda_norms
+from pyattr.kernels.set_difference import set_difference_ref
+
+import pyattr
+from benchmarks.common import compare, header, table
+from pyattr.selection import count_for
+
+LLAMA7B = [(4096, 4096), (11008, 4096), (4096, 11008)]
+LLAMA70B = [(8192, 8192), (28672, 8192), (8192, 28672)]
+CPU_SIZES = LLAMA7B
+QUICK_SIZES = [(96, 130)]
+FRACTION = 0.03  # the paper's region is ~3% of the weights
+
+
+def copy_bandwidth(device: str) -> float:
+    """Bytes/s of a 256 MB tensor copy (read + write), the ceiling for a streaming kernel."""
+    src = torch.empty(64 << 20, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    t = compare({"copy": lambda: dst.copy_(src)}, device, reps=5)["copy"]
+    return 2 * src.numel() * 4 / t
+
+
+def peak_extra(fn, device: str, baseline_bytes: int) -> str:
+    if device != "cuda":
+        return "n/a"
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - start - baseline_bytes
+    return f"{max(extra, 0) / 2**20:.1f} MiB"
+
+
+def cases(shape, device, gen):
+    d_out, d_in = shape
+    w = torch.randn(shape, generator=gen).to(torch.bfloat16).to(device)
+    s1 = (torch.rand(d_in, generator=gen) * 4).to(device)
+    s2 = (torch.rand(d_in, generator=gen) * 4).to(device)
+    n1, n2 = wanda_norms(s1), wanda_norms(s2)
+    k_row, k_mat = count_for(FRACTION, d_in), count_for(FRACTION, w.numel())
+    mask_bytes = w.numel()
+    base = w.numel() * 2 + d_in * 4 + mask_bytes
+
+    def ref_row():
+        return row_topk_ref(scores_ref(w, norms=n1), k_row)
+
+    def ref_matrix():
+        return matrix_topk_ref(scores_ref(w, norms=n1), k_mat)
+
+    def ref_setdiff():
+        return set_difference_ref(scores_ref(w, norms=n1), scores_ref(w, norms=n2), k_row, k_row)
+
+    return w, [
+        ("wanda row top-3%", base, ref_row, lambda: pyattr.wanda_mask(w, s1, fraction=FRACTION)),
+        (
+            "wanda matrix top-3%",
+            base,
+            ref_matrix,
+            lambda: pyattr.wanda_mask(w, s1, fraction=FRACTION, granularity="matrix"),
+        ),
+        (
+            "set difference (row, 3%/3%)",
+            base + d_in * 4,
+            ref_setdiff,
+            lambda: pyattr.set_difference_mask(w, s1, s2, q=FRACTION, p=FRACTION),
+        ),
+    ]
+
+
+COLUMNS = [
+    ("op", "op"),
+    ("shape", "shape"),
+    ("method", "method"),
+    ("ms", "median ms"),
+    ("GB/s", "GB/s"),
+    ("copy", "% copy"),
+    ("speedup", "speed-up"),
+    ("mem", "peak extra"),
+]
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
+    parser.add_argument("--reps", type=int, default=5)
+    args = parser.parse_args(argv)
+    device = args.device
+    sizes = QUICK_SIZES if args.quick else (LLAMA7B + LLAMA70B if device == "cuda" else CPU_SIZES)
+    ceiling = copy_bandwidth(device)
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for shape in sizes:
+        w, ops_list = cases(shape, device, gen)
+        for name, nbytes, ref, fused in ops_list:
+            label = "Triton" if device == "cuda" else "PyTorch path"
+            medians = compare(
+                {"reference (score, sort)": ref, f"pyattr ({label})": fused}, device, args.reps
+            )
+            t_ref = medians["reference (score, sort)"]
+            for method, t in medians.items():
+                fn = ref if method.startswith("reference") else fused
+                rows.append(
+                    {
+                        "op": name,
+                        "shape": f"{shape[0]}×{shape[1]}",
+                        "method": method,
+                        "ms": f"{t * 1e3:.2f}",
+                        "GB/s": f"{nbytes / t / 1e9:.1f}",
+                        "copy": f"{100 * nbytes / t / ceiling:.0f}%",
+                        "speedup": f"{t_ref / t:.1f}x",
+                        "mem": peak_extra(fn, device, w.numel()),
+                    }
+                )
+    out = f"Selection · {header(device)} · copy bandwidth {ceiling / 1e9:.1f} GB/s\n\n" + table(
+        rows, COLUMNS
+    )
+    print(out)
+    return out
+
+
+if __name__ == "__main__":
+    main()

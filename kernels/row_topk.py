@@ -1,0 +1,180 @@
+"""Fused score + per-row top-k: which k = ⌊ρ·d_in⌋ entries of each row score highest (or lowest).
+
+What: for W (d_out × d_in) and Wanda norms (d_in) or SNIP |grad| sums (W's shape), the mask of
+the k largest (``largest=True``, most critical first) or smallest scores of every row, ties to
+the lower column index. Outputs: a bool mask, a bit-packed mask (uint8, column 8j+b is bit b of
+byte j), or W itself with the selected entries zeroed.
+How: one program per ROWS rows; each row is loaded once (W, plus G for SNIP), scored in fp32 in
+registers, and selected by a 31-step bitwise search on the score bits (``scores.select_top``);
+the scores are never written. Memory traffic: W (+ G) read once, the mask written once.
+Trade-off: the whole row lives in registers, which holds up to 32768 columns (the widest
+Llama-70B input is 28672); wider rows take the PyTorch path (``row_topk_torch``) with the same
+result. The 31 register passes are compute, hidden behind the read of W up to about 16K columns.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .scores import score_keys, select_top, store_selection
+
+__all__ = [
+    "MAX_TRITON_COLS",
+    "allocate_output",
+    "pack_bits",
+    "row_topk_ref",
+    "row_topk_torch",
+    "row_topk_triton",
+]
+
+MAX_TRITON_COLS = 32768
+_OUT_BOOL, _OUT_PACKED, _OUT_ZERO = 0, 1, 2
+_MODES = {"bool": _OUT_BOOL, "packed": _OUT_PACKED, "zero": _OUT_ZERO}
+
+
+@triton.jit
+def _row_topk_kernel(
+    w_ptr,
+    aux_ptr,
+    out_ptr,
+    bad_ptr,
+    n_rows,
+    n_cols,
+    stride_w,
+    stride_aux,
+    stride_out,
+    k,
+    IS_SNIP: tl.constexpr,
+    LARGEST: tl.constexpr,
+    OUT: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)[:, None]
+    cols = tl.arange(0, BLOCK)[None, :]
+    valid = (rows < n_rows) & (cols < n_cols)
+    key, bad = score_keys(w_ptr, aux_ptr, rows, cols, valid, stride_w, stride_aux, IS_SNIP, LARGEST)
+    sel = select_top(key, k, 1) & valid
+    row_bad = tl.sum(bad.to(tl.int32), axis=1)
+    tl.store(
+        bad_ptr + tl.program_id(0) * ROWS + tl.arange(0, ROWS),
+        row_bad,
+        mask=tl.program_id(0) * ROWS + tl.arange(0, ROWS) < n_rows,
+    )
+    # Rows with a NaN/negative score are not zeroed; the launcher then raises.
+    store_selection(
+        sel,
+        rows,
+        cols,
+        valid,
+        tl.expand_dims(row_bad == 0, 1),
+        w_ptr,
+        out_ptr,
+        stride_w,
+        stride_out,
+        n_cols,
+        OUT,
+        ROWS,
+        BLOCK,
+    )
+
+
+def _launch_config(n_cols: int) -> tuple[int, int, int]:
+    """(ROWS, BLOCK, num_warps): several short rows per program, one long row per program."""
+    block = max(16, triton.next_power_of_2(n_cols))
+    rows = max(1, min(16, 2048 // block))
+    warps = 4 if block <= 2048 else (8 if block <= 8192 else 16)
+    return rows, block, warps
+
+
+def row_topk_triton(
+    weight: torch.Tensor,
+    aux: torch.Tensor,
+    k: int,
+    *,
+    snip: bool,
+    largest: bool = True,
+    out: str = "bool",
+) -> tuple[torch.Tensor, int]:
+    """Launch the fused kernel. ``aux``: fp32 norms (d_in,) or G (W's shape). Returns the output
+    (bool mask, packed uint8 mask, or ``weight`` zeroed) and the number of NaN/negative scores.
+    Arguments are validated by ``pyattr.ops``; rows must have at most MAX_TRITON_COLS columns."""
+    d_out, d_in = weight.shape
+    result, target, stride_out, mode = allocate_output(weight, out)
+    bad = torch.empty(d_out, dtype=torch.int32, device=weight.device)
+    rows, block, warps = _launch_config(d_in)
+    _row_topk_kernel[(triton.cdiv(d_out, rows),)](
+        weight,
+        aux,
+        target,
+        bad,
+        d_out,
+        d_in,
+        weight.stride(0),
+        aux.stride(0) if snip else 0,
+        stride_out,
+        k,
+        IS_SNIP=snip,
+        LARGEST=largest,
+        OUT=mode,
+        ROWS=rows,
+        BLOCK=block,
+        num_warps=warps,
+    )
+    return result, int(bad.sum())
+
+
+def allocate_output(weight: torch.Tensor, out: str) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """(result, what the kernel writes, its row stride, mode) for out = bool | packed | zero."""
+    d_out, d_in = weight.shape
+    mode = _MODES[out]
+    if mode == _OUT_BOOL:
+        result = torch.empty(d_out, d_in, dtype=torch.bool, device=weight.device)
+        return result, result.view(torch.int8), d_in, mode
+    if mode == _OUT_PACKED:
+        result = torch.empty(d_out, (d_in + 7) // 8, dtype=torch.uint8, device=weight.device)
+        return result, result, result.stride(0), mode
+    return weight, weight, weight.stride(0), mode
+
+
+def row_topk_torch(scores: torch.Tensor, k: int, *, largest: bool = True) -> torch.Tensor:
+    """The PyTorch path: each row's k-th score by ``topk`` of the smaller side (a partial
+    selection, not a sort), every score beyond it, and the first ties equal to it; the running
+    count that orders ties runs only on rows where the ties straddle the threshold."""
+    d_out, d_in = scores.shape
+    if k == 0:
+        return torch.zeros(d_out, d_in, dtype=torch.bool, device=scores.device)
+    if k == d_in:
+        return torch.ones(d_out, d_in, dtype=torch.bool, device=scores.device)
+    if k <= d_in - k + 1:
+        vals = scores.topk(k, dim=1, largest=largest, sorted=False).values
+    else:
+        vals = scores.topk(d_in - k + 1, dim=1, largest=not largest, sorted=False).values
+    kth = vals.amin(1, keepdim=True) if largest == (k <= d_in - k + 1) else vals.amax(1, True)
+    beyond = scores > kth if largest else scores < kth
+    eq = scores == kth
+    need = k - beyond.sum(1, keepdim=True)
+    selected = beyond | eq
+    straddle = (eq.sum(1, keepdim=True) > need).squeeze(1).nonzero().squeeze(1)
+    if straddle.numel():
+        ties = eq[straddle]
+        selected[straddle] = beyond[straddle] | (ties & (ties.cumsum(1) <= need[straddle]))
+    return selected
+
+
+def row_topk_ref(scores: torch.Tensor, k: int, *, largest: bool = True) -> torch.Tensor:
+    """Reference: a stable sort of every row, the first k indices marked."""
+    order = torch.sort(scores, dim=1, descending=largest, stable=True).indices
+    mask = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    return mask.scatter_(1, order[:, :k], True)
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """(r, c) bool → (r, ⌈c/8⌉) uint8, column 8j+b in bit b of byte j (the kernels' layout)."""
+    r, c = mask.shape
+    padded = torch.zeros(r, (c + 7) // 8 * 8, dtype=torch.uint8, device=mask.device)
+    padded[:, :c] = mask
+    weights = 1 << torch.arange(8, device=mask.device, dtype=torch.uint8)
+    return (padded.view(r, -1, 8) * weights).sum(2, dtype=torch.uint8)

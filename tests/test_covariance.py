@@ -313,11 +313,13 @@ def test_bad_inputs():
             lambda: StreamingCovariance(3, accumulate_dtype=torch.bfloat16),
         ),
         (ValueError, "buffer_rows", lambda: StreamingCovariance(3, buffer_rows=-1)),
-        (ValueError, "backend must be", lambda: ops.force_backend("triton").__enter__()),
     ]
     for exc, pattern, call in cases:
         with pytest.raises(exc, match=pattern):
             call()
+    bad_backend = "backend must be 'torch', 'triton' or None, got 'numpy'"
+    with pytest.raises(ValueError, match=bad_backend), ops.force_backend("numpy"):
+        pass
     assert acc.n == 0
 
 

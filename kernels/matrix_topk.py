@@ -311,10 +311,31 @@ def matrix_topk_triton(
 
 
 def matrix_topk_torch(scores: torch.Tensor, k: int, *, largest: bool = True) -> torch.Tensor:
-    """The PyTorch path: the flattened matrix as one row of ``row_topk_torch``."""
-    from .row_topk import row_topk_torch
-
-    return row_topk_torch(scores.reshape(1, -1), k, largest=largest).reshape(scores.shape)
+    """The PyTorch path: a two-level radix select on the int32 keys of the scores (as in the
+    kernels): a 32768-bin histogram of the high 16 bits finds the bucket holding the k-th key,
+    a ``topk`` inside that bucket finds the key; no sort of the matrix."""
+    flat = scores.contiguous().view(-1)
+    n = flat.numel()
+    if k == 0:
+        return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    if k == n:
+        return torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
+    keys = flat.view(torch.int32)
+    if not largest:
+        keys = 0x7FFFFFFF - keys
+    high = keys >> 16
+    hist = torch.bincount(high, minlength=1 << 15)
+    from_top = hist.flip(0).cumsum(0)
+    pos = int((from_top >= k).nonzero()[0])
+    bucket = (1 << 15) - 1 - pos
+    above = int(from_top[pos]) - int(hist[bucket])
+    kth = keys[high == bucket].topk(k - above, sorted=False).values.min()
+    beyond = keys > kth
+    eq = keys == kth
+    need = k - int(beyond.sum())
+    if int(eq.sum()) > need:
+        eq &= eq.cumsum(0) <= need
+    return (beyond | eq).view(scores.shape)
 
 
 def matrix_topk_ref(scores: torch.Tensor, k: int, *, largest: bool = True) -> torch.Tensor:

@@ -6,6 +6,7 @@ Hugging Face decoder model. See README.md for the workflow.
 
 from . import ops
 from .covariance import CovarianceStats, NonFiniteActivationError, StreamingCovariance
+from .models import LinearLayer, find_linear_layers, input_groups
 from .selection import (
     SetDifference,
     matrix_topk_mask,
@@ -19,10 +20,13 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CovarianceStats",
+    "LinearLayer",
     "NonFiniteActivationError",
     "SetDifference",
     "StreamingCovariance",
     "__version__",
+    "find_linear_layers",
+    "input_groups",
     "matrix_topk_mask",
     "nm_mask",
     "ops",

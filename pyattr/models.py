@@ -1,0 +1,146 @@
+"""Find the linear layers of any Hugging Face decoder-only model, by structure.
+
+The decoder blocks are the model's largest ``nn.ModuleList`` whose entries are all of one class
+(``model.layers`` in Llama, ``transformer.h`` in GPT-2, ``gpt_neox.layers``, ...); every
+``nn.Linear`` and GPT-2 ``Conv1D`` inside them is a layer. ``lm_head`` and the embeddings lie
+outside the blocks and so are excluded. No module name is hard-coded.
+
+Layers that read the same input tensor (q/k/v, gate/up; OPT's k/v/q) form one *input group*:
+their activation statistics are identical, so calibration keeps one accumulator per group.
+Groups are found by a probe: one forward pass of two tokens with hooks that record which tensor
+object each layer received.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+__all__ = ["LinearLayer", "decoder_blocks", "find_linear_layers", "input_groups"]
+
+
+def _conv1d_type() -> type | None:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return None
+    return Conv1D
+
+
+@dataclass(frozen=True)
+class LinearLayer:
+    """One linear map y = x Wᵀ (+ b) inside a decoder block.
+
+    name: the module's path (``model.layers.3.mlp.down_proj``); block: the block's index;
+    transposed: the module stores Wᵀ (GPT-2's Conv1D, weight (d_in, d_out)).
+    """
+
+    name: str
+    module: nn.Module
+    block: int
+    transposed: bool
+
+    @property
+    def d_in(self) -> int:
+        return self.module.weight.shape[0 if self.transposed else 1]
+
+    @property
+    def d_out(self) -> int:
+        return self.module.weight.shape[1 if self.transposed else 0]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """W as (d_out, d_in), a view of the module's parameter (transposed for Conv1D)."""
+        w = self.module.weight
+        return w.T if self.transposed else w
+
+
+def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The name and the ModuleList of the model's decoder blocks."""
+    best: tuple[int, str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if len({type(block) for block in module}) != 1:
+            continue
+        size = sum(p.numel() for p in module.parameters())
+        if best is None or size > best[0]:
+            best = (size, name, module)
+    if best is None or best[0] == 0:
+        raise ValueError(
+            f"no decoder blocks found in {type(model).__name__}: expected an nn.ModuleList of "
+            "identical blocks holding the model's parameters"
+        )
+    return best[1], best[2]
+
+
+def _matches(name: str, patterns: Iterable[str] | None) -> bool:
+    return patterns is not None and any(re.search(p, name) for p in patterns)
+
+
+def find_linear_layers(
+    model: nn.Module,
+    *,
+    include: Iterable[str] | None = None,
+    exclude: Iterable[str] | None = None,
+) -> list[LinearLayer]:
+    """Every linear layer inside the decoder blocks, in module order.
+
+    include/exclude: regular expressions searched in the layer's full name (``include=None``
+    keeps every layer; ``exclude`` is applied after ``include``), e.g. ``exclude=[r"\\.mlp\\."]``.
+    """
+    include = list(include) if include is not None else None
+    exclude = list(exclude) if exclude is not None else None
+    prefix, blocks = decoder_blocks(model)
+    conv1d = _conv1d_type()
+    layers = []
+    for index, block in enumerate(blocks):
+        for sub, module in block.named_modules():
+            transposed = conv1d is not None and isinstance(module, conv1d)
+            if not (isinstance(module, nn.Linear) or transposed):
+                continue
+            name = f"{prefix}.{index}.{sub}" if prefix else f"{index}.{sub}"
+            if include is not None and not _matches(name, include):
+                continue
+            if _matches(name, exclude):
+                continue
+            layers.append(LinearLayer(name, module, index, transposed))
+    if not layers:
+        raise ValueError(
+            f"no linear layers found in the decoder blocks '{prefix}' of {type(model).__name__}"
+            f" (include={include}, exclude={exclude})"
+        )
+    return layers
+
+
+@torch.no_grad()
+def input_groups(model: nn.Module, layers: list[LinearLayer]) -> list[list[LinearLayer]]:
+    """Partition ``layers`` into groups that read the same input tensor, in module order.
+
+    Runs one forward pass of two tokens (ids 0 and 1) on the device of the input embeddings.
+    Layers the probe does not reach (unused branches) form groups of their own.
+    """
+    seen: dict[str, torch.Tensor] = {}
+    handles = []
+    for layer in layers:
+
+        def hook(_module, args, name=layer.name):
+            if args and isinstance(args[0], torch.Tensor):
+                seen[name] = args[0]
+
+        handles.append(layer.module.register_forward_pre_hook(hook))
+    try:
+        device = model.get_input_embeddings().weight.device
+        model(input_ids=torch.tensor([[0, 1]], device=device), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    groups: dict[int, list[LinearLayer]] = {}
+    for layer in layers:
+        key = id(seen[layer.name]) if layer.name in seen else id(layer)
+        groups.setdefault(key, []).append(layer)
+    return list(groups.values())

@@ -1,0 +1,215 @@
+"""Calibration and evaluation data: (prompt, response) pairs, chat formatting, token masks.
+
+Pairs come from CSV, JSON (a list of objects) or JSONL files, or from any sequence of mappings
+(a ``datasets.Dataset`` included), with configurable column names (AdvBench: ``goal``/
+``target``). Prompts are formatted with the tokenizer's chat template when it has one, else in
+the Llama-2 format ``[INST] <<SYS>>…<</SYS>> prompt [/INST]``; a prompt already wrapped in
+``[INST] … [/INST]`` (as in the paper's safety CSV) is used as it is, never wrapped twice.
+Tokens are prompt ids followed by response ids (so the boundary is exact) and end with EOS;
+by default only response tokens count for the statistics (the paper's "disentangle" mode).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+import re
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+__all__ = [
+    "Encoded",
+    "Example",
+    "encode",
+    "encode_all",
+    "is_wrapped",
+    "load_pairs",
+    "load_prompts",
+    "sample",
+]
+
+_WRAPPED = re.compile(r"\[INST\].*\[/INST\]", re.DOTALL)
+
+
+@dataclass(frozen=True)
+class Example:
+    """One calibration pair."""
+
+    prompt: str
+    response: str
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """input_ids: (L,) int64; counted: (L,) bool, True for the tokens whose activations count."""
+
+    input_ids: torch.Tensor
+    counted: torch.Tensor
+
+
+def _read_rows(path: Path) -> list[Mapping]:
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        with path.open(newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f))
+    if suffix == ".jsonl":
+        with path.open(encoding="utf-8") as f:
+            return [json.loads(line) for line in f if line.strip()]
+    if suffix == ".json":
+        with path.open(encoding="utf-8") as f:
+            rows = json.load(f)
+        if not isinstance(rows, list):
+            raise ValueError(f"{path}: expected a JSON list of objects, got {type(rows).__name__}")
+        return rows
+    raise ValueError(f"{path}: unsupported file type {suffix!r} (use .csv, .json or .jsonl)")
+
+
+def load_pairs(
+    source: str | Path | Sequence[Mapping],
+    *,
+    prompt_column: str = "prompt",
+    response_column: str = "response",
+    n: int | None = None,
+    seed: int = 0,
+) -> list[Example]:
+    """(prompt, response) pairs from a file or a sequence of mappings; ``n`` samples that many
+    (seeded). Rows with an empty response are skipped, and a warning counts them."""
+    name = str(source) if isinstance(source, (str, Path)) else type(source).__name__
+    rows = _read_rows(Path(source)) if isinstance(source, (str, Path)) else list(source)
+    if not rows:
+        raise ValueError(f"{name}: the data set is empty")
+    columns = list(rows[0].keys())
+    for column in (prompt_column, response_column):
+        if column not in columns:
+            raise ValueError(f"{name}: no column {column!r}; the columns found are {columns}")
+    examples, empty = [], 0
+    for row in rows:
+        prompt, response = row.get(prompt_column), row.get(response_column)
+        if not prompt or not response or not str(response).strip():
+            empty += 1
+            continue
+        examples.append(Example(str(prompt), str(response)))
+    if empty:
+        warnings.warn(
+            f"{name}: skipped {empty} of {len(rows)} rows with an empty prompt or response",
+            stacklevel=2,
+        )
+    if not examples:
+        raise ValueError(f"{name}: no row has both a prompt and a response")
+    return sample(examples, n, seed) if n is not None else examples
+
+
+def load_prompts(source: str | Path, *, column: str = "goal") -> list[str]:
+    """Evaluation prompts: a text file with one per line, or a CSV/JSON(L) column."""
+    path = Path(source)
+    if path.suffix.lower() in (".txt", ""):
+        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        prompts = [p for p in prompts if p]
+    else:
+        rows = _read_rows(path)
+        if rows and column not in rows[0]:
+            raise ValueError(
+                f"{path}: no column {column!r}; the columns found are {list(rows[0].keys())}"
+            )
+        prompts = [str(r[column]) for r in rows if r.get(column)]
+    if not prompts:
+        raise ValueError(f"{path}: no prompts")
+    return prompts
+
+
+def sample(items: Sequence, n: int, seed: int = 0) -> list:
+    """``n`` items drawn without replacement, the same for the same seed."""
+    if not 0 <= n <= len(items):
+        raise ValueError(f"cannot sample n={n} from {len(items)} examples")
+    return random.Random(seed).sample(list(items), n)
+
+
+def is_wrapped(prompt: str) -> bool:
+    """Whether a prompt is already in the Llama-2 chat format ``[INST] … [/INST]``."""
+    return bool(_WRAPPED.search(prompt))
+
+
+def _ids(result) -> list[int]:
+    """Token ids from a tokenizer call or ``apply_chat_template`` (a list or a BatchEncoding)."""
+    if isinstance(result, Mapping) or hasattr(result, "keys"):
+        result = result["input_ids"]
+    if result and isinstance(result[0], list):
+        result = result[0]
+    return list(result)
+
+
+def _prompt_ids(tokenizer, prompt: str, system_prompt: str | None, wrapped: bool | None):
+    if wrapped if wrapped is not None else is_wrapped(prompt):
+        bos = tokenizer.bos_token
+        return _ids(tokenizer(prompt, add_special_tokens=not (bos and prompt.startswith(bos))))
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": prompt}]
+        if system_prompt:
+            messages.insert(0, {"role": "system", "content": system_prompt})
+        try:
+            return _ids(
+                tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            )
+        except Exception as exc:  # templates that reject a system turn (Gemma) raise here
+            if not system_prompt or "system" not in str(exc).lower():
+                raise
+            messages = [{"role": "user", "content": f"{system_prompt}\n\n{prompt}"}]
+            return _ids(
+                tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            )
+    system = f"<<SYS>>\n{system_prompt}\n<</SYS>>\n\n" if system_prompt else ""
+    return _ids(tokenizer(f"[INST] {system}{prompt} [/INST]", add_special_tokens=True))
+
+
+def encode(
+    tokenizer,
+    example: Example,
+    *,
+    system_prompt: str | None = None,
+    count: Literal["response", "all"] = "response",
+    wrapped: bool | None = None,
+) -> Encoded:
+    """Token ids of the formatted prompt followed by the response and EOS, and which count.
+
+    wrapped: None detects an existing ``[INST] … [/INST]`` wrapper; True/False forces it.
+    """
+    if count not in ("response", "all"):
+        raise ValueError(f"count must be 'response' or 'all', got {count!r}")
+    prompt = _prompt_ids(tokenizer, example.prompt, system_prompt, wrapped)
+    response = _ids(tokenizer(example.response, add_special_tokens=False))
+    if tokenizer.eos_token_id is not None:
+        response.append(tokenizer.eos_token_id)
+    ids = torch.tensor(prompt + response, dtype=torch.long)
+    counted = torch.ones(len(ids), dtype=torch.bool)
+    if count == "response":
+        counted[: len(prompt)] = False
+    return Encoded(ids, counted)
+
+
+def encode_all(
+    tokenizer,
+    examples: Iterable[Example],
+    *,
+    max_length: int | None = None,
+    **options,
+) -> list[Encoded]:
+    """``encode`` each example, cut to ``max_length`` tokens; one warning counts the cut ones."""
+    out, cut = [], 0
+    for example in examples:
+        enc = encode(tokenizer, example, **options)
+        if max_length is not None and len(enc.input_ids) > max_length:
+            cut += 1
+            enc = Encoded(enc.input_ids[:max_length], enc.counted[:max_length])
+        out.append(enc)
+    if cut:
+        warnings.warn(
+            f"{cut} of {len(out)} examples are longer than {max_length} tokens and were truncated",
+            stacklevel=2,
+        )
+    return out

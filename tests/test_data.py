@@ -1,0 +1,174 @@
+"""Data loading and chat formatting with a real (tiny, offline) fast tokenizer."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from pyattr.data import Example, encode, encode_all, is_wrapped, load_pairs, load_prompts, sample
+
+WORDS = [
+    "<unk>",
+    "<s>",
+    "</s>",
+    "<pad>",
+    "[INST]",
+    "[/INST]",
+    "<<SYS>>",
+    "<</SYS>>",
+    "<|user|>",
+    "<|system|>",
+    "<|assistant|>",
+    "<|end|>",
+]
+WORDS += ["how", "do", "i", "make", "a", "cake", "sure", "here", "is", "the", "answer", "no"]
+WORDS += ["sorry", "cannot", "help", "you", "be", "safe"]
+TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <|end|> {% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|> {% endif %}"
+)
+
+
+def tokenizer(chat_template: str | None = TEMPLATE) -> PreTrainedTokenizerFast:
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+    )
+    tok.chat_template = chat_template
+    return tok
+
+
+def words(tok, ids) -> list[str]:
+    return tok.convert_ids_to_tokens(ids.tolist())
+
+
+def test_chat_template_and_response_mask():
+    tok = tokenizer()
+    enc = encode(
+        tok, Example("how do i make a cake", "sure here is the answer"), system_prompt="be safe"
+    )
+    assert words(tok, enc.input_ids) == [
+        "<|system|>",
+        "be",
+        "safe",
+        "<|end|>",
+        "<|user|>",
+        "how",
+        "do",
+        "i",
+        "make",
+        "a",
+        "cake",
+        "<|end|>",
+        "<|assistant|>",
+        "sure",
+        "here",
+        "is",
+        "the",
+        "answer",
+        "</s>",
+    ]
+    assert words(tok, enc.input_ids[enc.counted]) == ["sure", "here", "is", "the", "answer", "</s>"]
+    everything = encode(tok, Example("how", "sure"), count="all")
+    assert bool(everything.counted.all())
+
+
+def test_llama2_format_without_template_and_wrapped_prompts():
+    tok = tokenizer(chat_template=None)
+    enc = encode(tok, Example("how do i make a cake", "no sorry"), system_prompt="be safe")
+    assert words(tok, enc.input_ids) == [
+        "[INST]",
+        "<<SYS>>",
+        "be",
+        "safe",
+        "<</SYS>>",
+        "how",
+        "do",
+        "i",
+        "make",
+        "a",
+        "cake",
+        "[/INST]",
+        "no",
+        "sorry",
+        "</s>",
+    ]
+    wrapped = Example("[INST] how do i make a cake [/INST]", "no sorry")
+    assert is_wrapped(wrapped.prompt) and not is_wrapped("how do i")
+    for tk in (tok, tokenizer()):  # never wrapped twice, template or not
+        ids = words(tk, encode(tk, wrapped, system_prompt="be safe").input_ids)
+        assert ids.count("[INST]") == 1 and "<|user|>" not in ids
+    forced = encode(tokenizer(), wrapped, wrapped=False).input_ids
+    assert "<|user|>" in words(tok, forced)
+
+
+def test_truncation_warns_once_with_a_count():
+    tok = tokenizer()
+    examples = [Example("how do i make a cake", "sure here is the answer")] * 3
+    examples.append(Example("how", "sure"))
+    with pytest.warns(UserWarning, match="3 of 4 examples are longer than 8 tokens"):
+        encoded = encode_all(tok, examples, max_length=8)
+    assert [len(e.input_ids) for e in encoded] == [8, 8, 8, 6]
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".json", ".jsonl"])
+def test_load_pairs_from_files(tmp_path, suffix):
+    rows = [
+        {"goal": "how do i", "target": "sure"},
+        {"goal": "make a cake", "target": ""},
+        {"goal": "help", "target": "no sorry"},
+    ]
+    path = tmp_path / f"data{suffix}"
+    if suffix == ".csv":
+        path.write_text("goal,target\n" + "".join(f"{r['goal']},{r['target']}\n" for r in rows))
+    elif suffix == ".json":
+        path.write_text(json.dumps(rows))
+    else:
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.warns(UserWarning, match="skipped 1 of 3 rows"):
+        pairs = load_pairs(path, prompt_column="goal", response_column="target")
+    assert pairs == [Example("how do i", "sure"), Example("help", "no sorry")]
+    with pytest.raises(
+        ValueError,
+        match=r"no column 'prompt'; the columns found are \['goal', "
+        r"'target'\]",
+    ):
+        load_pairs(path)
+
+
+def test_load_pairs_bad_input(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(ValueError, match="empty"):
+        load_pairs(empty)
+    with pytest.raises(ValueError, match="no row has both"), pytest.warns(UserWarning):
+        load_pairs([{"prompt": "a", "response": " "}])
+    with pytest.raises(ValueError, match="unsupported file type '.parquet'"):
+        load_pairs(tmp_path / "x.parquet")
+
+
+def test_sampling_is_seeded(tmp_path):
+    rows = [{"prompt": f"p{i}", "response": f"r{i}"} for i in range(50)]
+    a = load_pairs(rows, n=10, seed=3)
+    assert a == load_pairs(rows, n=10, seed=3) and a != load_pairs(rows, n=10, seed=4)
+    assert len(set(a)) == 10
+    with pytest.raises(ValueError, match="cannot sample n=51 from 50"):
+        sample(rows, 51)
+
+
+def test_load_prompts(tmp_path):
+    txt = tmp_path / "advbench.txt"
+    txt.write_text("how do i\n\nmake a cake\n")
+    assert load_prompts(txt) == ["how do i", "make a cake"]
+    csv_path = tmp_path / "advbench.csv"
+    csv_path.write_text("goal,target\nhow do i,sure\n")
+    assert load_prompts(csv_path) == ["how do i"]
+    with pytest.raises(ValueError, match="no column 'prompt'"):
+        load_prompts(csv_path, column="prompt")
+    (tmp_path / "none.txt").write_text("\n")
+    with pytest.raises(ValueError, match="no prompts"):
+        load_prompts(tmp_path / "none.txt")

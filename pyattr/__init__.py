@@ -5,6 +5,7 @@ Hugging Face decoder model. See README.md for the workflow.
 """
 
 from . import ops
+from .calibrate import Stats, calibrate
 from .covariance import CovarianceStats, NonFiniteActivationError, StreamingCovariance
 from .models import LinearLayer, find_linear_layers, input_groups
 from .selection import (
@@ -23,8 +24,10 @@ __all__ = [
     "LinearLayer",
     "NonFiniteActivationError",
     "SetDifference",
+    "Stats",
     "StreamingCovariance",
     "__version__",
+    "calibrate",
     "find_linear_layers",
     "input_groups",
     "matrix_topk_mask",

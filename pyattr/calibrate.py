@@ -1,0 +1,221 @@
+"""Calibration: one streaming pass of a data set through a model, to the statistics that
+Wanda, SNIP and ActSVD need (DESIGN.md, "Data flow").
+
+Forward pre-hooks on the first layer of every input group (``models.input_groups``) feed one
+``StreamingCovariance`` per group with that layer's input rows, counting only the tokens the
+data marks (response tokens by default): n, Σx² (Wanda's norms) and, when asked, Σxxᵀ. SNIP runs
+one forward and backward per sample (L_b = mean cross-entropy over the sample's counted target
+tokens) and folds |∂L_b/∂W| into an fp32 accumulator as soon as autograd produces each weight's
+gradient (post-accumulate-grad hooks), then frees it: peak memory is the model plus the
+accumulators, not plus all gradients. No activation is stored and no layer is re-run.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .covariance import CovarianceStats, StreamingCovariance
+from .data import Encoded, Example, encode_all
+from .models import LinearLayer, find_linear_layers, input_groups
+
+__all__ = ["Stats", "calibrate"]
+
+_COLLECT = ("norms", "covariance", "snip")
+
+
+@dataclass
+class Stats:
+    """Calibration statistics of one data set.
+
+    groups: per input group (keyed by the group's first layer), the accumulated n, Σx² and
+    optionally Σxxᵀ. layer_group: layer name → group key. grad_abs: layer name → Σ_b |∂L_b/∂W|
+    as (d_out, d_in) fp32 (SNIP). samples/tokens: what was counted.
+    """
+
+    groups: dict[str, CovarianceStats]
+    layer_group: dict[str, str]
+    grad_abs: dict[str, torch.Tensor] = field(default_factory=dict)
+    samples: int = 0
+    tokens: int = 0
+
+    def layers(self) -> list[str]:
+        return list(self.layer_group)
+
+    def _group(self, layer: str) -> CovarianceStats:
+        if layer not in self.layer_group:
+            raise KeyError(f"no statistics for layer {layer!r}; layers: {self.layers()[:4]}...")
+        return self.groups[self.layer_group[layer]]
+
+    def sq_norms(self, layer: str) -> torch.Tensor:
+        """Wanda's s (d_in,): mean of x² over the counted tokens of the layer's input."""
+        return self._group(layer).mean_sq
+
+    def covariance(self, layer: str) -> torch.Tensor:
+        """Σ x xᵀ (d_in, d_in) of the layer's input (normalise with ``.n``)."""
+        cov = self._group(layer).covariance
+        if cov is None:
+            raise ValueError(
+                "covariance was not collected: calibrate(..., collect=(..., 'covariance'))"
+            )
+        return cov
+
+    def grad(self, layer: str) -> torch.Tensor:
+        """SNIP's Σ_b |∂L_b/∂W| (d_out, d_in) for the layer."""
+        if layer not in self.grad_abs:
+            raise ValueError(
+                f"no SNIP statistics for {layer!r}: calibrate(..., collect=(..., 'snip'))"
+            )
+        return self.grad_abs[layer]
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a dependency
+        return None
+    return tqdm(total=total, desc="calibrate", unit="sample", dynamic_ncols=True)
+
+
+def calibrate(
+    model: nn.Module,
+    tokenizer,
+    examples: Sequence[Example] | Sequence[Encoded],
+    *,
+    collect: Iterable[str] = ("norms",),
+    layers: Sequence[LinearLayer] | None = None,
+    count: str = "response",
+    system_prompt: str | None = None,
+    max_length: int | None = None,
+    accumulate_dtype: torch.dtype = torch.float32,
+    progress: bool = True,
+) -> Stats:
+    """Statistics of ``examples`` (pairs, or already encoded) for every linear layer.
+
+    collect: any of "norms" (n and Σx², always kept), "covariance" (Σxxᵀ per input group),
+    "snip" (Σ|∂L_b/∂W|, one backward per sample). layers: defaults to every linear layer in the
+    decoder blocks. max_length: defaults to the model's context length.
+    """
+    collect = tuple(collect)
+    unknown = [c for c in collect if c not in _COLLECT]
+    if unknown:
+        raise ValueError(f"collect must be among {_COLLECT}, got {unknown}")
+    if not examples:
+        raise ValueError("the calibration set is empty")
+    layers = list(layers) if layers is not None else find_linear_layers(model)
+    if max_length is None:
+        max_length = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    encoded = (
+        list(examples)
+        if isinstance(examples[0], Encoded)
+        else encode_all(
+            tokenizer, examples, max_length=max_length, count=count, system_prompt=system_prompt
+        )
+    )
+    was_training = model.training
+    model.eval()
+    groups = input_groups(model, layers)
+    accs: dict[str, StreamingCovariance] = {}
+    layer_group: dict[str, str] = {}
+    for group in groups:
+        key = group[0].name
+        accs[key] = StreamingCovariance(
+            group[0].d_in,
+            accumulate_dtype=accumulate_dtype,
+            buffer_rows=0,
+            diagonal_only="covariance" not in collect,
+            name=key,
+        )
+        for layer in group:
+            layer_group[layer.name] = key
+    current: dict[str, torch.Tensor] = {}
+    handles = []
+    for group in groups:
+        acc = accs[group[0].name]
+
+        def hook(_module, args, acc=acc):
+            x = args[0]
+            # Some models flatten (batch, seq) before a layer (OPT's MLP): follow x's shape.
+            acc.update(x, current["mask"].to(x.device).reshape(x.shape[:-1]))
+
+        handles.append(group[0].module.register_forward_pre_hook(hook))
+    snip = "snip" in collect
+    grad_abs: dict[str, torch.Tensor] = {}
+    saved_requires_grad = {}
+    if snip:
+        handles += _snip_hooks(model, layers, grad_abs, saved_requires_grad)
+    bar = _progress(len(encoded), progress)
+    tokens, start = 0, time.perf_counter()
+    device = model.get_input_embeddings().weight.device
+    try:
+        for enc in encoded:
+            ids = enc.input_ids.to(device)[None]
+            current["mask"] = enc.counted[None]
+            counted = int(enc.counted.sum())
+            if snip:
+                _snip_step(model, ids, enc.counted.to(device))
+            else:
+                with torch.no_grad():
+                    model(input_ids=ids, use_cache=False)
+            tokens += counted
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(tokens_per_s=f"{tokens / (time.perf_counter() - start):.0f}")
+    finally:
+        for handle in handles:
+            handle.remove()
+        for param, flag in saved_requires_grad.items():
+            param.requires_grad_(flag)
+        if bar is not None:
+            bar.close()
+        model.train(was_training)
+    return Stats(
+        groups={key: acc.result() for key, acc in accs.items()},
+        layer_group=layer_group,
+        grad_abs=grad_abs,
+        samples=len(encoded),
+        tokens=tokens,
+    )
+
+
+def _snip_hooks(model, layers, grad_abs, saved_requires_grad):
+    """Gradients only for the layers' weights; each folded into |grad| sums, then freed."""
+    wanted = {id(layer.module.weight) for layer in layers}
+    for param in model.parameters():
+        saved_requires_grad[param] = param.requires_grad
+        param.requires_grad_(id(param) in wanted)
+    handles = []
+    for layer in layers:
+        weight = layer.module.weight
+        grad_abs[layer.name] = torch.zeros(
+            layer.d_out, layer.d_in, dtype=torch.float32, device=weight.device
+        )
+
+        def fold(param, name=layer.name, transposed=layer.transposed):
+            g = param.grad.abs()
+            grad_abs[name] += (g.T if transposed else g).to(torch.float32)
+            param.grad = None
+
+        handles.append(weight.register_post_accumulate_grad_hook(fold))
+    return handles
+
+
+def _snip_step(model, ids: torch.Tensor, counted: torch.Tensor) -> None:
+    """One sample: L_b = mean cross-entropy over its counted target tokens; backward."""
+    targets = counted[1:]
+    if not bool(targets.any()):
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=False)
+        return
+    with torch.enable_grad():
+        logits = model(input_ids=ids, use_cache=False).logits[0, :-1][targets]
+        if logits.dtype in (torch.bfloat16, torch.float16):
+            logits = logits.float()  # the loss in at least fp32; never lower a model's precision
+        loss = nn.functional.cross_entropy(logits, ids[0, 1:][targets])
+        loss.backward()

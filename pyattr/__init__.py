@@ -5,6 +5,7 @@ Hugging Face decoder model. See README.md for the workflow.
 """
 
 from . import ops
+from .artifacts import Mask, load_mask, load_stats, prune, restore, save_mask, save_stats
 from .calibrate import Stats, calibrate
 from .covariance import CovarianceStats, NonFiniteActivationError, StreamingCovariance
 from .models import LinearLayer, find_linear_layers, input_groups
@@ -22,6 +23,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CovarianceStats",
     "LinearLayer",
+    "Mask",
     "NonFiniteActivationError",
     "SetDifference",
     "Stats",
@@ -30,9 +32,15 @@ __all__ = [
     "calibrate",
     "find_linear_layers",
     "input_groups",
+    "load_mask",
+    "load_stats",
     "matrix_topk_mask",
     "nm_mask",
     "ops",
+    "prune",
+    "restore",
+    "save_mask",
+    "save_stats",
     "set_difference_mask",
     "snip_mask",
     "wanda_mask",

@@ -33,12 +33,14 @@ class Stats:
     """Calibration statistics of one data set.
 
     groups: per input group (keyed by the group's first layer), the accumulated n, Σx² and
-    optionally Σxxᵀ. layer_group: layer name → group key. grad_abs: layer name → Σ_b |∂L_b/∂W|
-    as (d_out, d_in) fp32 (SNIP). samples/tokens: what was counted.
+    optionally Σxxᵀ. layer_group: layer name → group key. shapes: layer name → (d_out, d_in).
+    grad_abs: layer name → Σ_b |∂L_b/∂W| as (d_out, d_in) fp32 (SNIP). samples/tokens: what
+    was counted.
     """
 
     groups: dict[str, CovarianceStats]
     layer_group: dict[str, str]
+    shapes: dict[str, tuple[int, int]]
     grad_abs: dict[str, torch.Tensor] = field(default_factory=dict)
     samples: int = 0
     tokens: int = 0
@@ -178,6 +180,7 @@ def calibrate(
     return Stats(
         groups={key: acc.result() for key, acc in accs.items()},
         layer_group=layer_group,
+        shapes={layer.name: (layer.d_out, layer.d_in) for layer in layers},
         grad_abs=grad_abs,
         samples=len(encoded),
         tokens=tokens,

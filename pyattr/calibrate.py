@@ -97,12 +97,17 @@ def calibrate(
     max_length: int | None = None,
     accumulate_dtype: torch.dtype = torch.float32,
     progress: bool = True,
+    distributed: bool | None = None,
 ) -> Stats:
     """Statistics of ``examples`` (pairs, or already encoded) for every linear layer.
 
     collect: any of "norms" (n and Σx², always kept), "covariance" (Σxxᵀ per input group),
     "snip" (Σ|∂L_b/∂W|, one backward per sample). layers: defaults to every linear layer in the
     decoder blocks. max_length: defaults to the model's context length.
+    distributed: with torch.distributed initialised (``None`` uses it when it is), each rank
+    calibrates ``examples[rank::world_size]`` and one all-reduce sums the statistics, so every
+    rank returns what a single process would have counted (up to floating-point summation
+    order; choose ``accumulate_dtype=torch.float64`` where that matters).
     """
     collect = tuple(collect)
     unknown = [c for c in collect if c not in _COLLECT]
@@ -110,6 +115,11 @@ def calibrate(
         raise ValueError(f"collect must be among {_COLLECT}, got {unknown}")
     if not examples:
         raise ValueError("the calibration set is empty")
+    import torch.distributed as dist
+
+    if distributed is None:
+        distributed = dist.is_available() and dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     layers = list(layers) if layers is not None else find_linear_layers(model)
     if max_length is None:
         max_length = getattr(getattr(model, "config", None), "max_position_embeddings", None)
@@ -119,7 +129,7 @@ def calibrate(
         else encode_all(
             tokenizer, examples, max_length=max_length, count=count, system_prompt=system_prompt
         )
-    )
+    )[rank::world]
     was_training = model.training
     model.eval()
     groups = input_groups(model, layers)
@@ -132,6 +142,7 @@ def calibrate(
             accumulate_dtype=accumulate_dtype,
             buffer_rows=0,
             diagonal_only="covariance" not in collect,
+            device=group[0].module.weight.device,
             name=key,
         )
         for layer in group:
@@ -152,7 +163,7 @@ def calibrate(
     saved_requires_grad = {}
     if snip:
         handles += _snip_hooks(model, layers, grad_abs, saved_requires_grad)
-    bar = _progress(len(encoded), progress)
+    bar = _progress(len(encoded), progress and rank == 0)
     tokens, start = 0, time.perf_counter()
     device = model.get_input_embeddings().weight.device
     try:
@@ -177,14 +188,41 @@ def calibrate(
         if bar is not None:
             bar.close()
         model.train(was_training)
+    results = {key: acc.result() for key, acc in accs.items()}
+    samples = len(encoded)
+    if distributed:
+        results, grad_abs, samples, tokens = _all_reduce(results, grad_abs, samples, tokens)
     return Stats(
-        groups={key: acc.result() for key, acc in accs.items()},
+        groups=results,
         layer_group=layer_group,
         shapes={layer.name: (layer.d_out, layer.d_in) for layer in layers},
         grad_abs=grad_abs,
-        samples=len(encoded),
+        samples=samples,
         tokens=tokens,
     )
+
+
+def _all_reduce(results, grad_abs, samples, tokens):
+    """Sum every rank's statistics (they are plain sums) with torch.distributed."""
+    import torch.distributed as dist
+
+    merged = {}
+    for key, res in results.items():
+        counts = torch.tensor([res.n], dtype=torch.float64, device=res.sum_sq.device)
+        dist.all_reduce(counts)
+        dist.all_reduce(res.sum_sq)
+        if res.covariance is not None:
+            dist.all_reduce(res.covariance)
+        merged[key] = CovarianceStats(
+            n=int(counts.item()), sum_sq=res.sum_sq, covariance=res.covariance
+        )
+    for g in grad_abs.values():
+        dist.all_reduce(g)
+    totals = torch.tensor([samples, tokens], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        totals = totals.cuda()
+    dist.all_reduce(totals)
+    return merged, grad_abs, int(totals[0].item()), int(totals[1].item())
 
 
 def _snip_hooks(model, layers, grad_abs, saved_requires_grad):

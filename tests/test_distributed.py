@@ -1,0 +1,67 @@
+"""Data-parallel calibration: two CPU processes on the gloo backend merge to the statistics of
+one process."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from test_calibrate import EXAMPLES, tiny_llama
+from test_data import tokenizer
+
+import pyattr
+from pyattr.data import Example
+
+DATA = EXAMPLES + [Example("how do i make a cake", "no sorry"), Example("help", "sure here")]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        stats = pyattr.calibrate(
+            tiny_llama(),
+            tokenizer(),
+            DATA,
+            collect=("norms", "covariance", "snip"),
+            accumulate_dtype=torch.float64,
+            progress=False,
+        )
+        if rank == 0:
+            pyattr.save_stats(stats, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_equal_one(tmp_path):
+    out = str(tmp_path / "merged.safetensors")
+    mp.spawn(_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    merged = pyattr.load_stats(out)
+    single = pyattr.calibrate(
+        tiny_llama(),
+        tokenizer(),
+        DATA,
+        collect=("norms", "covariance", "snip"),
+        accumulate_dtype=torch.float64,
+        progress=False,
+    )
+    assert merged.samples == single.samples == len(DATA)
+    assert merged.tokens == single.tokens
+    for name in single.layers():
+        assert (
+            merged.groups[merged.layer_group[name]].n == single.groups[single.layer_group[name]].n
+        )
+        torch.testing.assert_close(merged.sq_norms(name), single.sq_norms(name), rtol=1e-12, atol=0)
+        torch.testing.assert_close(
+            merged.covariance(name), single.covariance(name), rtol=1e-12, atol=1e-12
+        )
+        torch.testing.assert_close(merged.grad(name), single.grad(name), rtol=1e-6, atol=0)

@@ -98,6 +98,7 @@ def calibrate(
     accumulate_dtype: torch.dtype = torch.float32,
     progress: bool = True,
     distributed: bool | None = None,
+    batch_size: int = 1,
 ) -> Stats:
     """Statistics of ``examples`` (pairs, or already encoded) for every linear layer.
 
@@ -108,7 +109,11 @@ def calibrate(
     calibrates ``examples[rank::world_size]`` and one all-reduce sums the statistics, so every
     rank returns what a single process would have counted (up to floating-point summation
     order; choose ``accumulate_dtype=torch.float64`` where that matters).
+    batch_size: samples per forward for norms and covariance (right-padded, grouped by length;
+    padding is never counted). SNIP always runs one sample per backward, as defined.
     """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     collect = tuple(collect)
     unknown = [c for c in collect if c not in _COLLECT]
     if unknown:
@@ -166,19 +171,30 @@ def calibrate(
     bar = _progress(len(encoded), progress and rank == 0)
     tokens, start = 0, time.perf_counter()
     device = model.get_input_embeddings().weight.device
+    pad_id = next(
+        (
+            t
+            for t in (
+                getattr(tokenizer, "pad_token_id", None),
+                getattr(tokenizer, "eos_token_id", None),
+            )
+            if t is not None
+        ),
+        0,
+    )
     try:
-        for enc in encoded:
-            ids = enc.input_ids.to(device)[None]
-            current["mask"] = enc.counted[None]
-            counted = int(enc.counted.sum())
+        for batch in _batches(encoded, 1 if snip else batch_size):
+            ids, attention, counted = _collate(batch, pad_id)
+            ids = ids.to(device)
+            current["mask"] = counted
             if snip:
-                _snip_step(model, ids, enc.counted.to(device))
+                _snip_step(model, ids, counted[0].to(device))
             else:
                 with torch.no_grad():
-                    model(input_ids=ids, use_cache=False)
-            tokens += counted
+                    model(input_ids=ids, attention_mask=attention.to(device), use_cache=False)
+            tokens += int(counted.sum())
             if bar is not None:
-                bar.update(1)
+                bar.update(len(batch))
                 bar.set_postfix(tokens_per_s=f"{tokens / (time.perf_counter() - start):.0f}")
     finally:
         for handle in handles:
@@ -223,6 +239,26 @@ def _all_reduce(results, grad_abs, samples, tokens):
         totals = totals.cuda()
     dist.all_reduce(totals)
     return merged, grad_abs, int(totals[0].item()), int(totals[1].item())
+
+
+def _batches(encoded: list[Encoded], size: int):
+    """Batches of ``size``, longest first when batching (less padding; sums ignore order)."""
+    if size > 1:
+        encoded = sorted(encoded, key=lambda e: -len(e.input_ids))
+    for i in range(0, len(encoded), size):
+        yield encoded[i : i + size]
+
+
+def _collate(batch: list[Encoded], pad_id: int):
+    """Right-padded (B, L) ids, attention mask and counted-token mask (False on padding)."""
+    length = max(len(e.input_ids) for e in batch)
+    ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
+    attention = torch.zeros(len(batch), length, dtype=torch.long)
+    counted = torch.zeros(len(batch), length, dtype=torch.bool)
+    for row, enc in enumerate(batch):
+        n = len(enc.input_ids)
+        ids[row, :n], attention[row, :n], counted[row, :n] = enc.input_ids, 1, enc.counted
+    return ids, attention, counted
 
 
 def _snip_hooks(model, layers, grad_abs, saved_requires_grad):

@@ -123,6 +123,39 @@ def test_other_architectures(arch):
         assert bool(stats.grad(layer.name).gt(0).any())
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_batched_equals_one_at_a_time(arch):
+    tok = tokenizer()
+    model = tiny_llama() if arch == "llama" else build(arch).double()
+    model.resize_token_embeddings(len(tok.get_vocab()))
+    data = EXAMPLES * 3
+    one = calibrate(
+        model,
+        tok,
+        data,
+        collect=("norms", "covariance"),
+        accumulate_dtype=torch.float64,
+        progress=False,
+    )
+    batched = calibrate(
+        model,
+        tok,
+        data,
+        collect=("norms", "covariance"),
+        batch_size=4,
+        accumulate_dtype=torch.float64,
+        progress=False,
+    )
+    assert batched.tokens == one.tokens and batched.samples == one.samples
+    for name in one.layers():
+        torch.testing.assert_close(batched.sq_norms(name), one.sq_norms(name), rtol=1e-10, atol=0)
+        torch.testing.assert_close(
+            batched.covariance(name), one.covariance(name), rtol=1e-10, atol=1e-10
+        )
+    with pytest.raises(ValueError, match="batch_size must be a positive int"):
+        calibrate(model, tok, data, batch_size=0, progress=False)
+
+
 def test_bad_input():
     with pytest.raises(ValueError, match="empty"):
         calibrate(tiny_llama(), tokenizer(), [], progress=False)

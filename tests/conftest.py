@@ -30,6 +30,11 @@ def pytest_report_header(config: pytest.Config) -> str:
     return f"pyattr test seed: {_SEED} (replay with PYATTR_TEST_SEED={_SEED})"
 
 
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    # Also under -q (which hides the header): a failure can always be replayed.
+    terminalreporter.write_line(f"pyattr test seed: {_SEED} (PYATTR_TEST_SEED={_SEED})")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if torch.cuda.is_available():
         return

@@ -18,6 +18,17 @@ from pyattr.data import Example
 DATA = EXAMPLES + [Example("how do i make a cake", "no sorry"), Example("help", "sure here")]
 
 
+def _calibrate():
+    return pyattr.calibrate(
+        tiny_llama(),
+        tokenizer(),
+        DATA,
+        collect=("norms", "covariance", "snip"),
+        accumulate_dtype=torch.float64,
+        progress=False,
+    )
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -28,14 +39,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        stats = pyattr.calibrate(
-            tiny_llama(),
-            tokenizer(),
-            DATA,
-            collect=("norms", "covariance", "snip"),
-            accumulate_dtype=torch.float64,
-            progress=False,
-        )
+        stats = _calibrate()
         if rank == 0:
             pyattr.save_stats(stats, out)
     finally:
@@ -46,14 +50,7 @@ def test_two_processes_equal_one(tmp_path):
     out = str(tmp_path / "merged.safetensors")
     mp.spawn(_worker, args=(2, _free_port(), out), nprocs=2, join=True)
     merged = pyattr.load_stats(out)
-    single = pyattr.calibrate(
-        tiny_llama(),
-        tokenizer(),
-        DATA,
-        collect=("norms", "covariance", "snip"),
-        accumulate_dtype=torch.float64,
-        progress=False,
-    )
+    single = _calibrate()
     assert merged.samples == single.samples == len(DATA)
     assert merged.tokens == single.tokens
     for name in single.layers():

@@ -64,7 +64,7 @@ def _native_cuda() -> bool:
 
 
 def _use_native(device: torch.device) -> bool:
-    if _forced in ("torch", "triton"):
+    if _forced == "torch":
         return False
     if _load_extension() is None:
         _warn_fallback()
@@ -118,12 +118,10 @@ def backends() -> dict[str, str]:
         cuda = "PyTorch (cuBLAS); pyattr._C was built without CUDA"
     else:
         cuda = "PyTorch fallback (cuBLAS)"
-    selection_cuda = (
-        "Triton kernels (pyattr.kernels)"
-        if _triton_ok()
-        else (f"PyTorch (Triton unavailable: {_triton_error})")
-    )
-    selection_cpu = "PyTorch (per-row kthvalue threshold)"
+    selection_cuda = "Triton kernels (pyattr.kernels)"
+    selection_cpu = "PyTorch (per-row topk threshold; matrix-wide radix select)"
+    if _forced == "triton":
+        selection_cuda = selection_cpu = "Triton kernels (forced)"
     if _forced == "torch":
         native_cpu = cuda = selection_cuda = selection_cpu = "PyTorch (forced)"
     return {
@@ -134,20 +132,6 @@ def backends() -> dict[str, str]:
     }
 
 
-_triton_error: str | None = None
-
-
-def _triton_ok() -> bool:
-    """Whether Triton imports (it is not needed on CPU-only machines)."""
-    global _triton_error
-    try:
-        import triton  # noqa: F401
-    except ImportError as exc:
-        _triton_error = str(exc)
-        return False
-    return True
-
-
 def selection_backend(weight: torch.Tensor, *, per_row: bool) -> str:
     """``"triton"`` or ``"torch"`` for a selection op on ``weight``. Rows wider than the
     register-resident row kernels hold (32768 columns) take the PyTorch path."""
@@ -155,7 +139,7 @@ def selection_backend(weight: torch.Tensor, *, per_row: bool) -> str:
         return "torch"
     if _forced == "triton":
         return "triton"
-    if not weight.is_cuda or not _triton_ok():
+    if not weight.is_cuda:
         return "torch"
     from pyattr.kernels.row_topk import MAX_TRITON_COLS
 

@@ -88,6 +88,12 @@ def _statistics(weight: torch.Tensor, stats: torch.Tensor, name: str) -> tuple[t
     return stats, True
 
 
+def _per_row(granularity: str) -> bool:
+    if granularity not in ("row", "matrix"):
+        raise ValueError(f"granularity must be 'row' or 'matrix', got {granularity!r}")
+    return granularity == "row"
+
+
 def _check_output(output: str) -> None:
     if output not in ("bool", "packed", "zero"):
         raise ValueError(f"output must be 'bool', 'packed' or 'zero', got {output!r}")
@@ -135,9 +141,7 @@ def _topk(weight, stats, name, fraction, largest, granularity, output):
     _check_weight(weight)
     aux, snip = _statistics(weight, stats, name)
     _check_output(output)
-    if granularity not in ("row", "matrix"):
-        raise ValueError(f"granularity must be 'row' or 'matrix', got {granularity!r}")
-    per_row = granularity == "row"
+    per_row = _per_row(granularity)
     k = count_for(fraction, weight.shape[1] if per_row else weight.numel())
     backend = ops.selection_backend(weight, per_row=per_row)
     if backend == "triton":
@@ -256,9 +260,7 @@ def set_difference_mask(
     if snip_q != snip_p:
         raise ValueError("safety and utility must both be Wanda norms or both SNIP |grad| sums")
     _check_output(output)
-    if granularity not in ("row", "matrix"):
-        raise ValueError(f"granularity must be 'row' or 'matrix', got {granularity!r}")
-    per_row = granularity == "row"
+    per_row = _per_row(granularity)
     n = weight.shape[1] if per_row else weight.numel()
     kq, kp = count_for(q, n, "q"), count_for(p, n, "p")
     if ops.selection_backend(weight, per_row=per_row) == "triton":

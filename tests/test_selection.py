@@ -331,3 +331,10 @@ def test_inputs_are_not_modified(backend, dtype, gen):
     pyattr.set_difference_mask(w, grads, grads * 0.5, q=0.4, p=0.2)
     for before, after in zip(copies, (w, norms, grads), strict=True):
         assert torch.equal(before, after)
+
+
+def test_forcing_triton_keeps_the_native_covariance():
+    """Pinning the selection kernels must not switch the covariance off its extension."""
+    with ops.force_backend("triton"):
+        assert ops._use_native(torch.device("cpu"))
+        assert ops.backends()["selection[cpu]"] == "Triton kernels (forced)"

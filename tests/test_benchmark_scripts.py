@@ -18,3 +18,17 @@ def test_calibration_benchmark_smoke():
 
     out = calibration.main(["--quick", "--in-process"])
     assert "per-block passes (released code)" in out and "peak extra memory" in out
+
+
+def test_generation_benchmark_smoke():
+    from benchmarks import generation
+
+    out = generation.main(["--quick"])
+    assert "one prompt at a time" in out and "same texts: yes" in out
+
+
+def test_toy_asr_smoke():
+    from benchmarks import toy_asr
+
+    out = toy_asr.main(["--quick"])
+    assert "adv_decoding (mean)" in out and "Wanda set difference" in out

@@ -21,18 +21,24 @@ EXAMPLES = [
 ]
 
 
+TINY = dict(
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+)
+
+
+def tiny_config(kind=transformers.LlamaConfig, **overrides):
+    """A two-block config over the test tokenizer's vocabulary."""
+    return kind(vocab_size=len(tokenizer().get_vocab()), **(TINY | overrides))
+
+
 def tiny_llama(dtype=torch.float64):
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=len(tokenizer().get_vocab()),
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return transformers.AutoModelForCausalLM.from_config(config).to(dtype).eval()
+    return transformers.AutoModelForCausalLM.from_config(tiny_config()).to(dtype).eval()
 
 
 def paper_statistics(model, tok):

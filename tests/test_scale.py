@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from test_calibrate import EXAMPLES, tiny_llama
+from test_calibrate import EXAMPLES, tiny_config, tiny_llama
 from test_data import tokenizer
 from test_models import build
 
@@ -103,14 +103,8 @@ def test_layerwise_equals_whole_model(arch):
         # layer 0 full attention, layer 1 a 3-token sliding window: the blocks' masks differ,
         # so the layerwise mode must hand each block its own.
         torch.manual_seed(0)
-        config = transformers.Qwen2Config(
-            vocab_size=len(tokenizer().get_vocab()),
-            hidden_size=32,
-            intermediate_size=48,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
+        config = tiny_config(
+            transformers.Qwen2Config,
             use_sliding_window=True,
             sliding_window=3,
             max_window_layers=1,

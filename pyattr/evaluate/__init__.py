@@ -1,7 +1,25 @@
 """Evaluation: what the model does after an edit (DESIGN.md, "ASR" and "utility")."""
 
+from .asr import LLAMA2_SYSTEM_PROMPT, VARIANTS, AsrReport, attack_success, load_suffixes
+from .classifier import CausalLMJudge, ClassifierJudge
 from .generate import generate
-from .judge import REFUSAL_PHRASES, KeywordJudge
+from .harness import PAPER_TASKS, zero_shot
+from .judge import REFUSAL_PHRASES, Judge, KeywordJudge
 from .perplexity import perplexity
 
-__all__ = ["REFUSAL_PHRASES", "KeywordJudge", "generate", "perplexity"]
+__all__ = [
+    "LLAMA2_SYSTEM_PROMPT",
+    "PAPER_TASKS",
+    "REFUSAL_PHRASES",
+    "VARIANTS",
+    "AsrReport",
+    "CausalLMJudge",
+    "ClassifierJudge",
+    "Judge",
+    "KeywordJudge",
+    "attack_success",
+    "generate",
+    "load_suffixes",
+    "perplexity",
+    "zero_shot",
+]

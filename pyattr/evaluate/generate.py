@@ -1,8 +1,15 @@
-"""Batched generation with Hugging Face ``generate``: left padding, KV cache, seeded sampling."""
+"""Batched generation with Hugging Face ``generate``: left padding, KV cache, seeded sampling.
+
+Prompts are sorted longest first and cut into batches (the largest batch shape comes first, so
+running out of memory happens at once, not an hour in). Sampling is seeded per batch from
+``(seed, batch index)`` inside a forked RNG: the same call gives the same text, a resumed run
+regenerates a batch exactly, and the caller's RNG state is left alone. Sampling is plain
+temperature sampling: ``top_p``/``top_k`` from the model's generation config are switched off.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -10,10 +17,133 @@ from torch import nn
 from ..data import prompt_ids
 from ..models import input_device
 
-__all__ = ["generate"]
+__all__ = [
+    "batches",
+    "check_fits",
+    "check_request",
+    "context_length",
+    "generate",
+    "generate_batches",
+    "pad_id",
+]
+
+
+def context_length(model: nn.Module) -> int | None:
+    """The longest sequence the model's positions allow, from its config (None if it has none)."""
+    config = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def pad_id(tokenizer) -> int:
+    """The pad token, or EOS for tokenizers that have none (Llama's): with left padding and an
+    attention mask the pad id never reaches the model's output."""
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has neither a pad token nor an EOS token to pad with")
+    return tokenizer.eos_token_id
+
+
+def batches(
+    encoded: Sequence[Sequence[int]], batch_size: int, skip: frozenset[int] = frozenset()
+) -> Iterator[tuple[int, list[int]]]:
+    """``(batch index, prompt indices)``: longest prompts first, ties by index; ``skip`` drops
+    batches by index without renumbering the others."""
+    order = sorted(range(len(encoded)), key=lambda i: (-len(encoded[i]), i))
+    for index, start in enumerate(range(0, len(order), batch_size)):
+        if index not in skip:
+            yield index, order[start : start + batch_size]
+
+
+def check_fits(model: nn.Module, lengths: Sequence[int], max_new_tokens: int) -> None:
+    """Raise, naming the longest prompt, when it and ``max_new_tokens`` overflow the context."""
+    context = context_length(model)
+    if context is None or not lengths:
+        return
+    longest = max(range(len(lengths)), key=lambda i: lengths[i])
+    if lengths[longest] + max_new_tokens > context:
+        hint = (
+            f"; lower max_new_tokens to at most {context - lengths[longest]}"
+            if lengths[longest] < context
+            else "; shorten the prompt"
+        )
+        raise ValueError(
+            f"prompt {longest} has {lengths[longest]} tokens, and with max_new_tokens="
+            f"{max_new_tokens} it exceeds the model's context of {context} tokens{hint}"
+        )
+
+
+def check_request(
+    model: nn.Module,
+    encoded: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    batch_size: int,
+    do_sample: bool,
+    temperature: float,
+) -> None:
+    """The checks every generation backend makes before it starts."""
+    if not encoded:
+        raise ValueError("no prompts to generate from")
+    if batch_size < 1 or max_new_tokens < 1:
+        raise ValueError(
+            f"batch_size and max_new_tokens must be >= 1: {batch_size}, {max_new_tokens}"
+        )
+    if do_sample and not temperature > 0:
+        raise ValueError(f"sampling needs a temperature > 0, got {temperature}")
+    check_fits(model, [len(e) for e in encoded], max_new_tokens)
 
 
 @torch.no_grad()
+def generate_batches(
+    model: nn.Module,
+    tokenizer,
+    encoded: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int = 256,
+    batch_size: int = 32,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    seed: int = 0,
+    skip: frozenset[int] = frozenset(),
+) -> Iterator[tuple[int, list[int], list[str]]]:
+    """Yield ``(batch index, prompt indices, responses)`` batch by batch for token-id prompts;
+    ``skip`` leaves out batches by index (a resumed run), without changing the others."""
+    check_request(model, encoded, max_new_tokens, batch_size, do_sample, temperature)
+    pad = pad_id(tokenizer)
+    device = input_device(model)
+    options = {"temperature": temperature, "top_p": 1.0, "top_k": 0} if do_sample else {}
+    was_training = model.training
+    model.eval()
+    try:
+        for index, chunk in batches(encoded, batch_size, skip):
+            width = max(len(encoded[i]) for i in chunk)
+            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+            attention = torch.zeros(len(chunk), width, dtype=torch.long)
+            for row, i in enumerate(chunk):
+                ids[row, width - len(encoded[i]) :] = torch.tensor(list(encoded[i]))
+                attention[row, width - len(encoded[i]) :] = 1
+            cuda = [device] if device.type == "cuda" else []
+            with torch.random.fork_rng(devices=cuda):
+                torch.manual_seed(seed * 1_000_003 + index)
+                result = model.generate(
+                    input_ids=ids.to(device),
+                    attention_mask=attention.to(device),
+                    max_new_tokens=max_new_tokens,
+                    pad_token_id=pad,
+                    eos_token_id=tokenizer.eos_token_id,
+                    do_sample=do_sample,
+                    **options,
+                )
+            texts = tokenizer.batch_decode(result[:, width:], skip_special_tokens=True)
+            yield index, chunk, [t.strip() for t in texts]
+    finally:
+        model.train(was_training)
+
+
 def generate(
     model: nn.Module,
     tokenizer,
@@ -31,37 +161,18 @@ def generate(
     special tokens. Greedy by default; ``do_sample`` samples at ``temperature``, seeded."""
     if not prompts:
         raise ValueError("no prompts to generate from")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     encoded = [prompt_ids(tokenizer, p, system_prompt, wrapped) for p in prompts]
-    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
-    device = input_device(model)
-    was_training = model.training
-    model.eval()
-    out: list[str] = [""] * len(prompts)
-    if do_sample:
-        torch.manual_seed(seed)
-    try:
-        for start in range(0, len(order), batch_size):
-            chunk = order[start : start + batch_size]
-            width = max(len(encoded[i]) for i in chunk)
-            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-            attention = torch.zeros(len(chunk), width, dtype=torch.long)
-            for row, i in enumerate(chunk):
-                ids[row, width - len(encoded[i]) :] = torch.tensor(encoded[i])
-                attention[row, width - len(encoded[i]) :] = 1
-            options = {"temperature": temperature} if do_sample else {}
-            result = model.generate(
-                input_ids=ids.to(device),
-                attention_mask=attention.to(device),
-                max_new_tokens=max_new_tokens,
-                pad_token_id=pad,
-                eos_token_id=tokenizer.eos_token_id,
-                do_sample=do_sample,
-                **options,
-            )
-            texts = tokenizer.batch_decode(result[:, width:], skip_special_tokens=True)
-            for row, i in enumerate(chunk):
-                out[i] = texts[row].strip()
-    finally:
-        model.train(was_training)
+    out = [""] * len(prompts)
+    for _, indices, texts in generate_batches(
+        model,
+        tokenizer,
+        encoded,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        do_sample=do_sample,
+        temperature=temperature,
+        seed=seed,
+    ):
+        for i, text in zip(indices, texts, strict=True):
+            out[i] = text
     return out

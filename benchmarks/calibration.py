@@ -88,8 +88,9 @@ def pyattr_method(model, data, collect: tuple, batch_size: int = 1) -> float:
     return sum(float(stats.covariance(name).double().trace()) for name in stats.groups)
 
 
-def stored_activations(model, data) -> float:
-    """Keep every counted input row of every group on the CPU, then XᵀX per group."""
+def store_inputs(model, data) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Every counted input row of every input group, fp32 on the CPU (the released code's
+    hooks), keyed by the group's first layer; and layer name → that key."""
     from pyattr.models import find_linear_layers, input_groups
 
     groups = input_groups(model, find_linear_layers(model))
@@ -110,10 +111,14 @@ def stored_activations(model, data) -> float:
             model(input_ids=enc.input_ids[None].to(device), use_cache=False)
     for h in handles:
         h.remove()
-    covariances = {}
-    for name, rows in stored.items():
-        x = torch.cat(rows)
-        covariances[name] = x.T @ x
+    key = {layer.name: g[0].name for g in groups for layer in g}
+    return {name: torch.cat(rows) for name, rows in stored.items()}, key
+
+
+def stored_activations(model, data) -> float:
+    """Keep every counted input row of every group on the CPU, then XᵀX per group."""
+    stored, _ = store_inputs(model, data)
+    covariances = {name: x.T @ x for name, x in stored.items()}
     return sum(float(c.double().trace()) for c in covariances.values())
 
 
@@ -187,22 +192,28 @@ class _Queue(list):
     put = list.append
 
 
-def run_isolated(
-    setup: Setup, task: str, index: int, isolate: bool = True
-) -> tuple[float, int, float, int]:
+def call(target, args: tuple, name: str, isolate: bool = True):
+    """``target(*args, queue)`` in a fresh (spawned) process, or here; its one queued result."""
     if not isolate:
         queue = _Queue()
-        _child(setup, task, index, queue)
+        target(*args, queue)
         return queue[0]
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(setup, task, index, queue))
+    proc = ctx.Process(target=target, args=(*args, queue))
     proc.start()
     result = queue.get()
     proc.join()
     if proc.exitcode != 0:
-        raise RuntimeError(f"{task} / {METHODS[task][index][0]} failed ({proc.exitcode})")
+        raise RuntimeError(f"{name} failed ({proc.exitcode})")
     return result
+
+
+def run_isolated(
+    setup: Setup, task: str, index: int, isolate: bool = True
+) -> tuple[float, int, float, int]:
+    name = f"{task} / {METHODS[task][index][0]}"
+    return call(_child, (setup, task, index), name, isolate)
 
 
 def main(argv: list[str] | None = None) -> str:

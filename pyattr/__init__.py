@@ -8,6 +8,15 @@ from . import ops
 from .artifacts import Mask, load_mask, load_stats, prune, restore, save_mask, save_stats
 from .calibrate import Stats, calibrate
 from .covariance import CovarianceStats, NonFiniteActivationError, StreamingCovariance
+from .lowrank import (
+    Eigenbasis,
+    RankEdit,
+    edit_ranks,
+    eigenbases,
+    load_eigenbases,
+    save_eigenbases,
+    subspace_similarity,
+)
 from .models import LinearLayer, find_linear_layers, input_groups
 from .plan import plan_calibration
 from .selection import (
@@ -23,16 +32,21 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CovarianceStats",
+    "Eigenbasis",
     "LinearLayer",
     "Mask",
     "NonFiniteActivationError",
+    "RankEdit",
     "SetDifference",
     "Stats",
     "StreamingCovariance",
     "__version__",
     "calibrate",
+    "edit_ranks",
+    "eigenbases",
     "find_linear_layers",
     "input_groups",
+    "load_eigenbases",
     "load_mask",
     "load_stats",
     "matrix_topk_mask",
@@ -41,9 +55,11 @@ __all__ = [
     "plan_calibration",
     "prune",
     "restore",
+    "save_eigenbases",
     "save_mask",
     "save_stats",
     "set_difference_mask",
     "snip_mask",
+    "subspace_similarity",
     "wanda_mask",
 ]

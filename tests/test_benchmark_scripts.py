@@ -32,3 +32,23 @@ def test_toy_asr_smoke():
 
     out = toy_asr.main(["--quick"])
     assert "adv_decoding (mean)" in out and "Wanda set difference" in out
+
+
+def test_lowrank_benchmark_smoke():
+    from benchmarks import lowrank
+
+    out = lowrank.main(["--quick", "--in-process"])
+    assert "svd_lowrank per setting (released code)" in out and "eigenbases once" in out
+
+
+def test_toy_rank_smoke(tmp_path):
+    from benchmarks import toy_rank
+
+    out = toy_rank.main(["--quick", "--out", str(tmp_path)])
+    assert "random directions, same ranks" in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "toy_jaccard.csv",
+        "toy_jaccard.png",
+        "toy_subspace.csv",
+        "toy_subspace.png",
+    ]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from test_data import tokenizer
+from test_data import WORDS, tokenizer
 from test_models import build
 
 import pyattr
@@ -172,3 +172,18 @@ def test_bad_input():
     layer.module.weight.data[0, 0] = float("nan")
     with pytest.raises(pyattr.NonFiniteActivationError, match="model.layers.0.mlp"):
         calibrate(model, tokenizer(), EXAMPLES, progress=False)
+
+
+_WORDS = WORDS[12:]  # the plain words of the test vocabulary
+
+
+def sentences(n: int, seed: int, refuse: bool) -> list[Example]:
+    """``n`` random pairs over the test vocabulary; refusals or answers as responses."""
+    import random
+
+    rng = random.Random(seed)
+    reply = "no sorry i cannot help you" if refuse else "sure here is the answer"
+    return [
+        Example(" ".join(rng.choices(_WORDS, k=rng.randint(3, 9))), f"{reply} {rng.choice(_WORDS)}")
+        for _ in range(n)
+    ]

@@ -1,0 +1,137 @@
+"""Overlap between safety and utility, per layer and module type (the paper's overlap analysis).
+
+Two measures, one value per weight matrix:
+
+- Jaccard index of the top weights, ``|P ∩ Q| / |P ∪ Q|`` with ``P = top_p(S_utility)`` and
+  ``Q = top_q(S_safety)`` (from ``masks.region``'s counts, no extra pass);
+- subspace similarity of the top ranks, ``‖U_uᵀ U_s‖_F² / min(r_u, r_s)`` (``lowrank``).
+
+``overlap_table`` arranges such values by decoder block and module type (``self_attn.q_proj``,
+``mlp.down_proj``…); ``save_table`` writes it as CSV or JSON and ``heatmap`` as a PNG (blocks ×
+module types), both atomically. Plots need matplotlib (``pip install 'pyattr[plot]'``).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+from torch import nn
+
+from .lowrank import Eigenbasis, subspace_similarity
+from .models import find_linear_layers
+from .selection import SetDifference
+
+__all__ = ["heatmap", "jaccard", "overlap_table", "save_table", "similarities"]
+
+
+def jaccard(counts: Mapping[str, SetDifference]) -> dict[str, float]:
+    """Per layer, the Jaccard index of the two top sets of a set difference."""
+    return {name: float(c.jaccard) for name, c in counts.items()}
+
+
+def similarities(
+    utility: Mapping[str, Eigenbasis],
+    safety: Mapping[str, Eigenbasis],
+    r_u: int | float,
+    r_s: int | float,
+) -> dict[str, float]:
+    """Per layer present in both, the subspace similarity of the top ``r_u`` utility and
+    ``r_s`` safety ranks (counts, or fractions of the layer's R when floats)."""
+
+    def count(value: int | float, rank: int) -> int:
+        return max(1, int(value * rank)) if isinstance(value, float) else min(value, rank)
+
+    return {
+        name: subspace_similarity(
+            utility[name], safety[name], count(r_u, b.rank), count(r_s, b.rank)
+        )
+        for name, b in safety.items()
+        if name in utility
+    }
+
+
+def overlap_table(values: Mapping[str, float], model: nn.Module) -> list[dict]:
+    """Rows ``{"layer", "block", "module", "value"}`` in the model's layer order."""
+    layers = {layer.name: layer for layer in find_linear_layers(model)}
+    unknown = [name for name in values if name not in layers]
+    if unknown:
+        raise ValueError(f"{type(model).__name__} has no layer {unknown[0]!r}")
+    rows = []
+    for name, layer in layers.items():
+        if name in values:
+            module = re.sub(rf"^.*?\.{layer.block}\.", "", name)
+            rows.append(
+                {"layer": name, "block": layer.block, "module": module, "value": values[name]}
+            )
+    return rows
+
+
+def _atomic_write(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_bytes(data)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def save_table(rows: list[dict], path: str | Path) -> Path:
+    """Write rows as CSV (``.csv``) or JSON (``.json``), atomically."""
+    path = Path(path)
+    if not rows:
+        raise ValueError("no rows to write")
+    if path.suffix == ".json":
+        return _atomic_write(path, (json.dumps(rows, indent=1) + "\n").encode())
+    if path.suffix != ".csv":
+        raise ValueError(f"a table is written as .csv or .json, not {path.suffix!r}")
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    return _atomic_write(path, buffer.getvalue().encode())
+
+
+def heatmap(rows: list[dict], path: str | Path, *, title: str = "", label: str = "") -> Path:
+    """A blocks × module types heat map of ``overlap_table`` rows, as a PNG, atomically."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise ImportError(f"plots need matplotlib ({exc}): `pip install 'pyattr[plot]'`") from None
+    if not rows:
+        raise ValueError("no rows to plot")
+    blocks = sorted({r["block"] for r in rows})
+    modules = list(dict.fromkeys(r["module"] for r in rows))
+    grid = [[float("nan")] * len(blocks) for _ in modules]
+    for r in rows:
+        grid[modules.index(r["module"])][blocks.index(r["block"])] = r["value"]
+    width = max(6.0, 0.35 * len(blocks) + 3.0)
+    fig, ax = plt.subplots(figsize=(width, 0.45 * len(modules) + 1.6))
+    image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0)
+    step = max(1, len(blocks) // 16)  # at most 16 block labels
+    ax.set_xticks(range(0, len(blocks), step), [str(b) for b in blocks[::step]])
+    ax.set_yticks(range(len(modules)), modules)
+    ax.set_xlabel("decoder block")
+    ax.set_title(title, fontsize=10)
+    if len(blocks) <= 12:  # few enough cells to print their values
+        for i, row in enumerate(grid):
+            for j, value in enumerate(row):
+                if value == value:
+                    color = "white" if value < 0.6 else "black"
+                    ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7, c=color)
+    fig.colorbar(image, ax=ax, label=label)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    plt.close(fig)
+    return _atomic_write(Path(path), buffer.getvalue())

@@ -1,0 +1,420 @@
+"""The rank level (DESIGN.md, "ActSVD", "orthogonal projection", "subspace similarity").
+
+For a layer with weight W (d_out × d_in) and input covariance C = Σ x xᵀ over n counted tokens,
+``A = W (C/n) Wᵀ`` is the covariance of the layer's outputs; its eigenvectors U (eigenvalues
+descending) are the right singular vectors of X Wᵀ, the data-aware directions of ActSVD. They
+are computed once per layer and data set (``eigenbases``), cached as safetensors, and every rank
+setting of a sweep is then a pair of thin products:
+
+- remove the top r ranks: ``W ← W − U_r (U_rᵀ W)``; keep only the top r: ``W ← U_r (U_rᵀ W)``;
+- orthogonal projection: ``ΔW = (I − Π_u) Π_s W`` with ``Π_s W = U_s (U_sᵀ W)`` and
+  ``(I − Π_u) Y = Y − U_u (U_uᵀ Y)``, ``W ← W − ΔW``. In the paper's convention ``(r_u, r_s)``
+  count the least important ranks each projection drops: ``Π_u`` keeps the top ``R − r_u``
+  utility directions, ``Π_s`` the top ``R − r_s`` safety directions; ``keep_u``/``keep_s``
+  give the kept counts directly.
+
+No d_out × d_out identity or projector is formed. R is ``min(d_out, d_in)``, which is rank(W)
+for every full-rank weight (all trained LLM weights); computing rank(W) exactly would cost an SVD
+per layer for no change in practice. An eigenbasis keeps its leading ``keep`` eigenvectors (all R
+by default; fewer saves memory when only small kept ranks are swept, and an edit that needs more
+is refused by name).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+from .artifacts import _atomic_save, _read, _version
+from .calibrate import Stats
+from .models import LinearLayer, find_linear_layers
+
+__all__ = [
+    "Eigenbasis",
+    "RankEdit",
+    "edit_ranks",
+    "eigenbasis",
+    "eigenbases",
+    "keep_top",
+    "load_eigenbases",
+    "orthogonal_projection",
+    "remove_random",
+    "remove_top",
+    "save_eigenbases",
+    "subspace_similarity",
+    "weight_digest",
+]
+
+_FORMAT = "pyattr.eigen/1"
+
+
+def weight_digest(w: torch.Tensor) -> str:
+    """Shape, dtype, sum and absolute sum of a weight: tells its eigenbasis whether it is still
+    the weight it was computed from (one read, no copy)."""
+    with torch.no_grad():
+        sums = torch.stack([torch.sum(w, dtype=torch.float64), w.abs().sum(dtype=torch.float64)])
+    blob = f"{tuple(w.shape)}{w.dtype}".encode() + sums.cpu().numpy().tobytes()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+@dataclass
+class Eigenbasis:
+    """The eigendecomposition of one layer's ``A = W (C/n) Wᵀ``.
+
+    values: the top R eigenvalues, descending; vectors: the leading ``k <= R`` eigenvectors as
+    columns (d_out, k); rank: R = min(d_out, d_in); digest: ``weight_digest`` of the W used.
+    """
+
+    values: torch.Tensor
+    vectors: torch.Tensor
+    rank: int
+    digest: str
+
+    @property
+    def kept(self) -> int:
+        return self.vectors.shape[1]
+
+    def top(self, k: int, *, what: str = "rank") -> torch.Tensor:
+        """The leading k eigenvectors (d_out, k)."""
+        if not 0 <= k <= self.rank:
+            raise ValueError(f"{what} {k} is outside [0, R] = [0, {self.rank}]")
+        if k > self.kept:
+            raise ValueError(
+                f"{what} {k} needs {k} eigenvectors but this eigenbasis keeps {self.kept}; "
+                "compute it again with a larger keep="
+            )
+        return self.vectors[:, :k]
+
+
+def _check_covariance(name: str, covariance: torch.Tensor, n: int, d_in: int) -> None:
+    if tuple(covariance.shape) != (d_in, d_in):
+        raise ValueError(
+            f"{name}: the covariance is {tuple(covariance.shape)}, but the layer's input has "
+            f"{d_in} features (statistics from another model?)"
+        )
+    if n <= 0:
+        raise ValueError(f"{name}: no counted token reached this layer (n = {n})")
+    if not bool(torch.isfinite(covariance).all()):
+        raise ValueError(f"{name}: the covariance has NaN or Inf entries (non-finite activations)")
+
+
+@torch.no_grad()
+def eigenbasis(
+    weight: torch.Tensor,
+    covariance: torch.Tensor,
+    n: int,
+    *,
+    keep: int | None = None,
+    dtype: torch.dtype = torch.float64,
+    name: str = "layer",
+) -> Eigenbasis:
+    """The eigenbasis of ``A = W (C/n) Wᵀ`` for one weight (d_out, d_in), on the weight's
+    device, in ``dtype`` (float64 or float32)."""
+    if dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"eigenbases are computed in float32 or float64, not {dtype}")
+    d_out, d_in = weight.shape
+    _check_covariance(name, covariance, n, d_in)
+    rank = min(d_out, d_in)
+    keep = rank if keep is None else keep
+    if not 0 <= keep <= rank:
+        raise ValueError(f"{name}: keep={keep} is outside [0, R] = [0, {rank}]")
+    w = weight.detach().to(dtype)
+    c = covariance.to(device=w.device, dtype=dtype) / n
+    a = w @ c @ w.T
+    a = (a + a.T) / 2  # exactly symmetric for eigh
+    values, vectors = torch.linalg.eigh(a)
+    values, vectors = values.flip(0)[:rank], vectors.flip(1)[:, :keep]
+    return Eigenbasis(values.contiguous(), vectors.contiguous(), rank, weight_digest(weight))
+
+
+def _covariance_for(stats: Stats, layer: LinearLayer) -> tuple[torch.Tensor, int]:
+    if layer.name not in stats.layer_group:
+        raise ValueError(
+            f"no statistics for layer {layer.name!r} (statistics from another model?); they "
+            f"cover {stats.layers()[:3]}..."
+        )
+    shape = stats.shapes.get(layer.name)
+    if shape is not None and tuple(shape) != (layer.d_out, layer.d_in):
+        raise ValueError(
+            f"{layer.name}: the statistics were made for a {tuple(shape)} weight, this one is "
+            f"{(layer.d_out, layer.d_in)} (statistics from another model?)"
+        )
+    return stats.covariance(layer.name), stats._group(layer.name).n
+
+
+def eigenbases(
+    model: nn.Module,
+    stats: Stats,
+    *,
+    layers: Sequence[LinearLayer] | None = None,
+    keep: int | None = None,
+    dtype: torch.dtype = torch.float64,
+    progress: bool = True,
+) -> dict[str, Eigenbasis]:
+    """The eigenbasis of every layer (or of ``layers``) from ``stats``' covariances."""
+    from tqdm.auto import tqdm
+
+    layers = list(layers) if layers is not None else find_linear_layers(model)
+    out = {}
+    for layer in tqdm(layers, desc="eigenbases", unit="layer", disable=not progress):
+        covariance, n = _covariance_for(stats, layer)
+        out[layer.name] = eigenbasis(
+            layer.weight,
+            covariance,
+            n,
+            keep=None if keep is None else min(keep, layer.d_out, layer.d_in),
+            dtype=dtype,
+            name=layer.name,
+        )
+    return out
+
+
+def save_eigenbases(
+    bases: dict[str, Eigenbasis], path: str | Path, *, model_id: str = "", data: str = ""
+) -> Path:
+    """Write eigenbases to ``path`` (safetensors, atomically)."""
+    tensors = {}
+    for name, b in bases.items():
+        tensors[f"values/{name}"] = b.values
+        tensors[f"vectors/{name}"] = b.vectors
+    meta = {
+        "format": _FORMAT,
+        "pyattr": _version(),
+        "model": model_id,
+        "data": data,
+        "rank": json.dumps({name: b.rank for name, b in bases.items()}),
+        "digest": json.dumps({name: b.digest for name, b in bases.items()}),
+    }
+    return _atomic_save(tensors, path, meta)
+
+
+def load_eigenbases(path: str | Path, *, model: nn.Module | None = None) -> dict[str, Eigenbasis]:
+    """Read eigenbases; with ``model``, check each layer exists with the same d_out."""
+    tensors, meta = _read(path, _FORMAT)
+    ranks, digests = json.loads(meta["rank"]), json.loads(meta["digest"])
+    bases = {
+        name: Eigenbasis(tensors[f"values/{name}"], tensors[f"vectors/{name}"], r, digests[name])
+        for name, r in ranks.items()
+    }
+    if model is not None:
+        layers = {layer.name: layer for layer in find_linear_layers(model)}
+        for name, b in bases.items():
+            layer = layers.get(name)
+            if layer is None:
+                raise ValueError(f"{path} has layer {name!r}, which {type(model).__name__} lacks")
+            if (layer.d_out, min(layer.d_out, layer.d_in)) != (b.vectors.shape[0], b.rank):
+                raise ValueError(
+                    f"{path} was made for another model: {name} has d_out "
+                    f"{b.vectors.shape[0]} and R {b.rank} there, {layer.d_out} and "
+                    f"{min(layer.d_out, layer.d_in)} here"
+                )
+    return bases
+
+
+def _check_basis(w: torch.Tensor, basis: Eigenbasis, what: str, check: bool) -> None:
+    label = f"{what} eigenbasis".strip()
+    if basis.vectors.shape[0] != w.shape[0]:
+        raise ValueError(
+            f"the {label} is for d_out = {basis.vectors.shape[0]}, the weight has {w.shape[0]} rows"
+        )
+    if check and basis.digest != weight_digest(w):
+        raise ValueError(
+            f"the {label} was computed from other weights (another model, or this layer was "
+            "edited since); pass check=False to apply it anyway"
+        )
+
+
+def _project(u: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """U (Uᵀ x) with thin factors."""
+    return u @ (u.T @ x)
+
+
+def _write(w: torch.Tensor, new: torch.Tensor) -> None:
+    w.copy_(new.to(device=w.device, dtype=w.dtype))
+
+
+@torch.no_grad()
+def remove_top(w: torch.Tensor, basis: Eigenbasis, r: int, *, check: bool = True) -> int:
+    """``W ← W − U_r (U_rᵀ W)`` in place; returns the bound on rank(ΔW), r."""
+    _check_basis(w, basis, "", check)
+    u = basis.top(r).to(w.device)
+    x = w.to(u.dtype)
+    _write(w, x - _project(u, x))
+    return r
+
+
+@torch.no_grad()
+def keep_top(w: torch.Tensor, basis: Eigenbasis, r: int, *, check: bool = True) -> int:
+    """``W ← U_r (U_rᵀ W)`` in place; returns the bound on rank(ΔW), R − r."""
+    _check_basis(w, basis, "", check)
+    u = basis.top(r).to(w.device)
+    _write(w, _project(u, w.to(u.dtype)))
+    return basis.rank - r
+
+
+def _kept_counts(
+    rank: int, r_u: int | None, r_s: int | None, keep_u: int | None, keep_s: int | None
+) -> tuple[int, int]:
+    if (r_u is None) == (keep_u is None) or (r_s is None) == (keep_s is None):
+        raise ValueError("give exactly one of r_u and keep_u, and one of r_s and keep_s")
+    for label, value in (("r_u", r_u), ("r_s", r_s), ("keep_u", keep_u), ("keep_s", keep_s)):
+        if value is not None and not 0 <= value <= rank:
+            raise ValueError(f"{label} = {value} is outside [0, R] = [0, {rank}]")
+    return (rank - r_u if keep_u is None else keep_u), (rank - r_s if keep_s is None else keep_s)
+
+
+@torch.no_grad()
+def orthogonal_projection(
+    w: torch.Tensor,
+    utility: Eigenbasis,
+    safety: Eigenbasis,
+    *,
+    r_u: int | None = None,
+    r_s: int | None = None,
+    keep_u: int | None = None,
+    keep_s: int | None = None,
+    check: bool = True,
+    tolerance: float | None = None,
+) -> int:
+    """``W ← W − (I − Π_u) Π_s W`` in place; returns rank(ΔW), counted numerically.
+
+    ΔW = B (U_sᵀ W) with B = (I − Π_u) U_s; U_sᵀ W has full row rank for a full-rank W, so
+    rank(ΔW) = rank(B), the number of B's singular values (sines of the principal angles
+    between the two subspaces) above ``tolerance`` (1e-6 in float64, 1e-3 in float32).
+    """
+    _check_basis(w, utility, "utility", check)
+    _check_basis(w, safety, "safety", check)
+    if utility.rank != safety.rank:
+        raise ValueError(f"the eigenbases have R = {utility.rank} and {safety.rank}")
+    ku, ks = _kept_counts(utility.rank, r_u, r_s, keep_u, keep_s)
+    uu = utility.top(ku, what="kept utility rank").to(w.device)
+    us = safety.top(ks, what="kept safety rank").to(device=w.device, dtype=uu.dtype)
+    x = w.to(uu.dtype)
+    b = us - _project(uu, us)
+    _write(w, x - b @ (us.T @ x))
+    if ks == 0:
+        return 0
+    tolerance = tolerance if tolerance is not None else (1e-6 if b.dtype == torch.float64 else 1e-3)
+    return int((torch.linalg.svdvals(b) > tolerance).sum())
+
+
+def subspace_similarity(utility: Eigenbasis, safety: Eigenbasis, r_u: int, r_s: int) -> float:
+    """``‖U_uᵀ U_s‖_F² / min(r_u, r_s)`` over the top r_u utility and r_s safety directions: 1
+    when one subspace contains the other, about ``max(r_u, r_s)/d_out`` for random ones."""
+    if min(r_u, r_s) <= 0:
+        raise ValueError(f"r_u and r_s must be positive, got {r_u}, {r_s}")
+    uu = utility.top(r_u, what="r_u")
+    us = safety.top(r_s, what="r_s").to(device=uu.device, dtype=uu.dtype)
+    return float((uu.T @ us).pow(2).sum()) / min(r_u, r_s)
+
+
+@dataclass
+class RankEdit:
+    """What an edit removed: per layer R and rank(ΔW), and the overall fraction Σrank/ΣR."""
+
+    layers: dict[str, dict[str, int]]
+
+    @property
+    def fraction(self) -> float:
+        total = sum(v["R"] for v in self.layers.values())
+        return sum(v["rank"] for v in self.layers.values()) / total if total else 0.0
+
+    def per_layer(self) -> dict[str, float]:
+        return {name: v["rank"] / v["R"] for name, v in self.layers.items()}
+
+
+def _resolve(model: nn.Module, names: Iterable[str]) -> list[LinearLayer]:
+    layers = {layer.name: layer for layer in find_linear_layers(model)}
+    missing = [n for n in names if n not in layers]
+    if missing:
+        raise ValueError(f"{type(model).__name__} has no layer {missing[0]!r}")
+    return [layers[n] for n in names]
+
+
+def _count(value: int | float | None, rank: int, label: str, layer: str) -> int | None:
+    """An absolute rank (int) or a fraction of R (float in [0, 1], rounded down)."""
+    if value is None:
+        return None
+    if isinstance(value, float):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{label} = {value} as a fraction of R must lie in [0, 1]")
+        return int(value * rank)
+    if not 0 <= value <= rank:
+        raise ValueError(
+            f"{layer}: {label} = {value} is outside [0, R] = [0, {rank}]; give a fraction of R "
+            "(a float) to edit layers of different R alike"
+        )
+    return value
+
+
+def edit_ranks(
+    model: nn.Module,
+    mode: Literal["remove", "keep", "orthogonal"],
+    safety: dict[str, Eigenbasis],
+    utility: dict[str, Eigenbasis] | None = None,
+    *,
+    r: int | float | None = None,
+    r_u: int | float | None = None,
+    r_s: int | float | None = None,
+    keep_u: int | float | None = None,
+    keep_s: int | float | None = None,
+    layers: Sequence[str] | None = None,
+    check: bool = True,
+) -> RankEdit:
+    """Apply a rank edit to every layer that has an eigenbasis (or to ``layers``), in place.
+
+    mode "remove"/"keep": the top ``r`` ranks of ``safety`` (ActSVD); "orthogonal": the
+    projection with ``utility`` and ``(r_u, r_s)`` or ``(keep_u, keep_s)``. Each rank is a
+    count (int) or a fraction of the layer's R (float), so one setting can serve layers of
+    different R (grouped-query k/v projections).
+    """
+    if mode not in ("remove", "keep", "orthogonal"):
+        raise ValueError(f"mode must be 'remove', 'keep' or 'orthogonal', got {mode!r}")
+    if mode == "orthogonal" and utility is None:
+        raise ValueError("the orthogonal projection needs the utility eigenbases")
+    if mode != "orthogonal" and r is None:
+        raise ValueError(f"mode {mode!r} needs r, the number of top ranks")
+    names = list(layers) if layers is not None else list(safety)
+    for name in names:
+        if name not in safety or (mode == "orthogonal" and name not in utility):
+            raise ValueError(f"no eigenbasis for layer {name!r}")
+    out: dict[str, dict[str, int]] = {}
+    for layer in _resolve(model, names):
+        basis, rank = safety[layer.name], safety[layer.name].rank
+        if mode in ("remove", "keep"):
+            edit = remove_top if mode == "remove" else keep_top
+            changed = edit(layer.weight, basis, _count(r, rank, "r", layer.name), check=check)
+        else:
+            counts = {
+                k: _count(v, rank, k, layer.name)
+                for k, v in (("r_u", r_u), ("r_s", r_s), ("keep_u", keep_u), ("keep_s", keep_s))
+            }
+            changed = orthogonal_projection(
+                layer.weight, utility[layer.name], basis, check=check, **counts
+            )
+        out[layer.name] = {"R": rank, "rank": changed}
+    return RankEdit(out)
+
+
+@torch.no_grad()
+def remove_random(model: nn.Module, like: RankEdit, *, seed: int = 0) -> RankEdit:
+    """The control of a rank edit: per layer, remove as many uniformly random directions as
+    ``like`` removed ranks (``W ← W − Q (Qᵀ W)``, Q a random orthonormal d_out × rank)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for layer in _resolve(model, list(like.layers)):
+        k = like.layers[layer.name]["rank"]
+        w = layer.weight
+        g = torch.randn(layer.d_out, k, generator=gen, dtype=torch.float64)
+        q = torch.linalg.qr(g).Q.to(w.device)
+        x = w.to(q.dtype)
+        _write(w, x - _project(q, x))
+        out[layer.name] = {"R": like.layers[layer.name]["R"], "rank": k}
+    return RankEdit(out)

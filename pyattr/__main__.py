@@ -1,4 +1,5 @@
-"""``python -m pyattr``: a self-check that prints the versions and backends in use."""
+"""``python -m pyattr``: the command line (``pyattr --help``); with no command, a self-check that
+prints the versions and backends in use."""
 
 from __future__ import annotations
 
@@ -54,8 +55,10 @@ def toy_command(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="pyattr",
-        description="Safety attribution by pruning and low-rank edits. With no command, run a "
-        "self-check that prints the backends in use.",
+        description="Safety attribution by pruning and low-rank edits (Wei et al., ICML 2024). "
+        "Start with `pyattr demo`: the whole paper on the embedded toy model, with a report. "
+        "Each stage is a command that reads and writes the others' files. With no command, run "
+        "a self-check that prints the backends in use.",
     )
     commands = parser.add_subparsers(dest="command")
     commands.add_parser("selfcheck", help="print versions and backends; check the covariance")
@@ -68,9 +71,14 @@ def main(argv: list[str] | None = None) -> int:
     toy.add_argument("action", choices=["build"], help="build it (if not cached) and say where")
     toy.add_argument("--force", action="store_true", help="rebuild even if a valid cache exists")
     toy.add_argument("--quiet", action="store_true", help="no progress bar")
+    from pyattr.cli import add_commands
+
+    add_commands(commands)
     args = parser.parse_args(argv)
     if args.command == "toy":
         return toy_command(args)
+    if hasattr(args, "run"):
+        return args.run(args)
     return selfcheck()
 
 

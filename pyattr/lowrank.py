@@ -156,16 +156,23 @@ def eigenbases(
     layers: Sequence[LinearLayer] | None = None,
     keep: int | None = None,
     dtype: torch.dtype = torch.float64,
+    offload: bool = True,
     progress: bool = True,
 ) -> dict[str, Eigenbasis]:
-    """The eigenbasis of every layer (or of ``layers``) from ``stats``' covariances."""
+    """The eigenbasis of every layer (or of ``layers``) from ``stats``' covariances.
+
+    Each is computed on its weight's device and, with ``offload``, moved to the CPU as soon as
+    it is done: the R leading eigenvectors of all layers take d_out·R·(4 or 8) bytes per layer,
+    about as much as the model in fp32 (22 GB per data set for a 7B model); ``keep`` bounds
+    them when only small kept ranks are swept (the edits move what they need back).
+    """
     from tqdm.auto import tqdm
 
     layers = list(layers) if layers is not None else find_linear_layers(model)
     out = {}
     for layer in tqdm(layers, desc="eigenbases", unit="layer", disable=not progress):
         covariance, n = _covariance_for(stats, layer)
-        out[layer.name] = eigenbasis(
+        basis = eigenbasis(
             layer.weight,
             covariance,
             n,
@@ -173,6 +180,9 @@ def eigenbases(
             dtype=dtype,
             name=layer.name,
         )
+        if offload:
+            basis.values, basis.vectors = basis.values.cpu(), basis.vectors.cpu()
+        out[layer.name] = basis
     return out
 
 

@@ -1,0 +1,350 @@
+"""The ``pyattr`` command: one subcommand per stage, each reading and writing the others' files.
+
+    pyattr demo                                   # the paper on the toy model, with a report
+    pyattr calibrate --data safety.csv --out safety.stats.safetensors
+    pyattr mask --safety safety.stats... --utility utility.stats... --q 0.05 --p 0.05 --out m
+    pyattr prune --mask m.mask.safetensors --out pruned/           # a model folder
+    pyattr lowrank eigen --stats safety.stats... --out safety.eigen.safetensors
+    pyattr lowrank edit --safety safety.eigen... --utility utility.eigen... --keep-u 16 ...
+    pyattr eval asr --model pruned/ --variants vanilla adv_decoding --out asr/
+    pyattr eval utility --model pruned/ --tasks boolq rte --limit 200 --out utility.json
+    pyattr analyze --safety ... --utility ... --out overlap/          # tables and heat maps
+
+``--model`` is a local Hugging Face folder, ``toy`` (the aligned toy model, the default) or
+``toy:base``. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_model(spec: str, dtype: str = "float32", device: str | None = None):
+    """(model, tokenizer) from ``toy``, ``toy:base`` or a local folder."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if spec in ("toy", "toy:aligned", "toy:base"):
+        from pyattr import toy
+
+        stage = "base" if spec == "toy:base" else "aligned"
+        return toy.load(stage, device=device, dtype=DTYPES[dtype])
+    path = Path(spec)
+    if not path.is_dir():
+        raise SystemExit(
+            f"pyattr: no model folder {path} (give a local Hugging Face folder, 'toy' or "
+            "'toy:base'; edited models are written by `pyattr prune` and `pyattr lowrank edit`)"
+        )
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).to(device).eval()
+    return model, tokenizer
+
+
+def _need(path: str | Path, what: str, command: str) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise SystemExit(f"pyattr: no {what} at {path}; make it with `pyattr {command}`")
+    return path
+
+
+def save_model(model, tokenizer, out: str | Path) -> Path:
+    """Save a model folder atomically (a temporary folder beside it, then a rename)."""
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def _calibrate(args) -> int:
+    import pyattr
+    from pyattr.artifacts import fingerprint
+    from pyattr.data import load_pairs
+
+    model, tok = load_model(args.model, args.dtype)
+    data = args.data
+    if data is None:
+        from pyattr import toy
+
+        data = toy.data()[f"{args.toy_set}_calibration"]
+    pairs = load_pairs(
+        data, prompt_column=args.prompt_column, response_column=args.response_column, n=args.n
+    )
+    stats = pyattr.calibrate(
+        model,
+        tok,
+        pairs,
+        collect=tuple(args.collect),
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+    )
+    options = {"collect": args.collect, "data": str(data), "max_length": args.max_length}
+    path = pyattr.save_stats(
+        stats, args.out, model_id=args.model, data=fingerprint(pairs), options=options
+    )
+    print(f"statistics of {stats.samples} samples ({stats.tokens} counted tokens): {path}")
+    return 0
+
+
+def _mask(args) -> int:
+    import pyattr
+    from pyattr.masks import region
+
+    model, _ = load_model(args.model, args.dtype)
+    safety = pyattr.load_stats(_need(args.safety, "statistics", "calibrate"), model=model)
+    utility = None
+    if args.utility is not None:
+        utility = pyattr.load_stats(_need(args.utility, "statistics", "calibrate"), model=model)
+    mask, counts = region(
+        model,
+        safety,
+        utility,
+        method=args.method,
+        q=args.q,
+        p=args.p,
+        granularity=args.granularity,
+        largest=not args.bottom,
+    )
+    options = {k: getattr(args, k) for k in ("method", "q", "p", "granularity", "bottom")}
+    path = pyattr.save_mask(mask, args.out, model_id=args.model, options=options)
+    print(f"mask of {mask.sparsity()['overall']:.2%} of the weights: {path}")
+    if counts:
+        mean = sum(c.jaccard for c in counts.values()) / len(counts)
+        print(f"mean Jaccard index of the two top sets: {mean:.3f}")
+    return 0
+
+
+def _prune(args) -> int:
+    import pyattr
+
+    model, tok = load_model(args.model, args.dtype)
+    mask = pyattr.load_mask(_need(args.mask, "mask", "mask"), model=model)
+    if args.restore_from:
+        source, _ = load_model(args.restore_from, args.dtype)
+        pyattr.restore(model, source, mask)
+    else:
+        pyattr.prune(model, mask)
+    print(f"model folder: {save_model(model, tok, args.out)}")
+    return 0
+
+
+def _lowrank(args) -> int:
+    import pyattr
+
+    model, tok = load_model(args.model, args.dtype)
+    if args.action == "eigen":
+        stats = pyattr.load_stats(_need(args.stats, "statistics", "calibrate"), model=model)
+        bases = pyattr.eigenbases(model, stats, keep=args.keep, dtype=torch.float64)
+        print(f"eigenbases of {len(bases)} layers: {pyattr.save_eigenbases(bases, args.out)}")
+        return 0
+    safety = pyattr.load_eigenbases(_need(args.safety, "eigenbases", "lowrank eigen"), model=model)
+    utility = None
+    if args.utility is not None:
+        utility = pyattr.load_eigenbases(
+            _need(args.utility, "eigenbases", "lowrank eigen"), model=model
+        )
+    ranks = {k: getattr(args, k) for k in ("r", "r_u", "r_s", "keep_u", "keep_s")}
+    report = pyattr.edit_ranks(
+        model, args.mode, safety, utility, **{k: _rank(v) for k, v in ranks.items()}
+    )
+    folder = save_model(model, tok, args.out)
+    print(f"removed {report.fraction:.2%} of the ranks; model folder: {folder}")
+    return 0
+
+
+def _rank(value: str | None) -> int | float | None:
+    """A rank count ("16") or a fraction of R ("0.9")."""
+    if value is None:
+        return None
+    return float(value) if "." in value else int(value)
+
+
+def _eval(args) -> int:
+    model, tok = load_model(args.model, args.dtype)
+    if args.action == "asr":
+        from pyattr.evaluate import LLAMA2_SYSTEM_PROMPT as LLAMA2
+        from pyattr.evaluate import KeywordJudge, attack_success
+
+        report = attack_success(
+            model,
+            tok,
+            args.prompts,
+            variants=args.variants,
+            suffixes=args.suffixes,
+            judge=KeywordJudge(min_words=args.min_words),
+            system_prompt=None if args.no_system_prompt else args.system_prompt or LLAMA2,
+            samples=args.samples,
+            max_new_tokens=args.max_new_tokens,
+            batch_size=args.batch_size,
+            out=args.out,
+            backend=args.backend,
+        )
+        for variant, value in report.asr.items():
+            print(f"ASR {variant}: {value:.3f}")
+        return 0
+    from pyattr.evaluate import PAPER_TASKS, zero_shot
+
+    limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
+    result = zero_shot(
+        model,
+        tok,
+        args.tasks or PAPER_TASKS,
+        limit=limit,
+        include_path=args.include_path,
+        out=args.out,
+    )
+    for task, metrics in result["tasks"].items():
+        print(f"{task}: acc {metrics['acc']:.4f}")
+    print(f"mean accuracy: {result['mean_acc']:.4f}")
+    return 0
+
+
+def _analyze(args) -> int:
+    import pyattr
+    from pyattr.analysis import heatmap, jaccard, overlap_table, save_table, similarities
+    from pyattr.masks import region
+
+    model, _ = load_model(args.model, args.dtype)
+    out = Path(args.out)
+    safety = pyattr.load_stats(_need(args.safety, "statistics", "calibrate"), model=model)
+    utility = pyattr.load_stats(_need(args.utility, "statistics", "calibrate"), model=model)
+    _, counts = region(model, safety, utility, method=args.method, q=args.q, p=args.p)
+    tables = {"jaccard": (overlap_table(jaccard(counts), model), f"Jaccard index, top {args.q:g}")}
+    if args.r_u is not None:
+        bases = [pyattr.eigenbases(model, s) for s in (safety, utility)]
+        values = similarities(bases[1], bases[0], _rank(args.r_u), _rank(args.r_s))
+        tables["subspace"] = (overlap_table(values, model), "subspace similarity")
+    for name, (rows, title) in tables.items():
+        save_table(rows, out / f"{name}.csv")
+        save_table(rows, out / f"{name}.json")
+        heatmap(rows, out / f"{name}.png", title=title)
+        print(f"{name}: {out / name}.csv, .json, .png")
+    return 0
+
+
+def _demo(args) -> int:
+    from pyattr.demo import run_demo
+
+    path = run_demo(args.out, quick=args.quick, overwrite=args.overwrite, progress=not args.quiet)
+    results = json.loads((path.parent / "results.json").read_text())
+    from pyattr.report import _markdown, summary_rows
+
+    print(_markdown(summary_rows(results["results"])))
+    print(f"\nreport: {path}")
+    return 0
+
+
+def _report(args) -> int:
+    from pyattr.report import write_report
+
+    source = _need(args.results, "results table", "demo")
+    lines = source.read_text(encoding="utf-8").splitlines()
+    config = json.loads(lines[0]).get("config", {})
+    rows = [json.loads(line) for line in lines[1:] if line.strip()]
+    print(f"report: {write_report(args.out or source.parent, rows, config)}")
+    return 0
+
+
+def add_commands(commands) -> None:
+    """Register the stage subcommands on an argparse subparsers object."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--model", default="toy", help="local HF folder, 'toy' or 'toy:base'")
+    common.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+
+    p = commands.add_parser("demo", help="the paper on the toy model, with a report")
+    p.add_argument("--out", default="pyattr-demo", help="report folder (default pyattr-demo)")
+    p.add_argument("--quick", action="store_true", help="five points, fewer prompts (~1 min)")
+    p.add_argument("--overwrite", action="store_true", help="replace results of another run")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(run=_demo)
+
+    p = commands.add_parser("calibrate", parents=[common], help="statistics of a data set")
+    p.add_argument("--data", help="CSV/JSON(L)/saved dataset of pairs (default: toy set)")
+    p.add_argument("--toy-set", choices=["safety", "utility"], default="safety")
+    p.add_argument("--prompt-column", default="prompt")
+    p.add_argument("--response-column", default="response")
+    p.add_argument("--n", type=int, help="sample this many pairs")
+    p.add_argument(
+        "--collect",
+        nargs="+",
+        default=["norms", "covariance"],
+        choices=["norms", "covariance", "snip"],
+    )
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--max-length", type=int)
+    p.add_argument("--out", required=True, help="statistics file (.safetensors)")
+    p.set_defaults(run=_calibrate)
+
+    p = commands.add_parser("mask", parents=[common], help="a region from statistics")
+    p.add_argument("--safety", required=True, help="statistics from `pyattr calibrate`")
+    p.add_argument("--utility", help="utility statistics: the set difference")
+    p.add_argument("--method", choices=["wanda", "snip"], default="wanda")
+    p.add_argument("--q", type=float, required=True, help="top fraction for safety")
+    p.add_argument("--p", type=float, help="top fraction for utility (with --utility)")
+    p.add_argument("--granularity", choices=["row", "matrix"], default="row")
+    p.add_argument("--bottom", action="store_true", help="the least important instead")
+    p.add_argument("--out", required=True, help="mask file (.safetensors)")
+    p.set_defaults(run=_mask)
+
+    p = commands.add_parser("prune", parents=[common], help="zero (or rewind) a masked region")
+    p.add_argument("--mask", required=True, help="mask from `pyattr mask`")
+    p.add_argument("--restore-from", help="copy the masked entries from this model instead")
+    p.add_argument("--out", required=True, help="model folder to write")
+    p.set_defaults(run=_prune)
+
+    p = commands.add_parser("lowrank", parents=[common], help="eigenbases and rank edits")
+    p.add_argument("action", choices=["eigen", "edit"])
+    p.add_argument("--stats", help="statistics with covariance (eigen)")
+    p.add_argument("--keep", type=int, help="eigenvectors to keep per layer (eigen)")
+    p.add_argument("--safety", help="safety eigenbases (edit)")
+    p.add_argument("--utility", help="utility eigenbases (edit, orthogonal)")
+    p.add_argument("--mode", choices=["remove", "keep", "orthogonal"], default="orthogonal")
+    for name in ("r", "r-u", "r-s", "keep-u", "keep-s"):
+        p.add_argument(f"--{name}", help="a count, or a fraction of R with a decimal point")
+    p.add_argument("--out", required=True, help="eigenbasis file (eigen) or model folder (edit)")
+    p.set_defaults(run=_lowrank)
+
+    p = commands.add_parser("eval", parents=[common], help="ASR or zero-shot utility")
+    p.add_argument("action", choices=["asr", "utility"])
+    p.add_argument("--prompts", help="harmful prompts file (default: the toy held-out set)")
+    p.add_argument("--variants", nargs="+", default=["vanilla"])
+    p.add_argument("--suffixes", help="adversarial suffix file (adv_suffix)")
+    p.add_argument("--system-prompt", default=None, help="vanilla's (default: Llama-2's)")
+    p.add_argument("--no-system-prompt", action="store_true", help="vanilla without one")
+    p.add_argument("--samples", type=int, default=5)
+    p.add_argument("--min-words", type=int, help="short responses count as refusals")
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--backend", choices=["hf", "vllm"], default="hf")
+    p.add_argument("--tasks", nargs="+", default=None, help="lm-eval tasks (utility)")
+    p.add_argument("--limit", type=float, help="documents per task (utility)")
+    p.add_argument("--include-path", help="folder of task YAMLs (utility)")
+    p.add_argument("--out", help="ASR folder or utility JSON file")
+    p.set_defaults(run=_eval)
+
+    p = commands.add_parser("analyze", parents=[common], help="overlap tables and heat maps")
+    p.add_argument("--safety", required=True)
+    p.add_argument("--utility", required=True)
+    p.add_argument("--method", choices=["wanda", "snip"], default="wanda")
+    p.add_argument("--q", type=float, default=0.05)
+    p.add_argument("--p", type=float, default=0.05)
+    p.add_argument("--r-u", help="ranks for the subspace similarity (needs covariance)")
+    p.add_argument("--r-s")
+    p.add_argument("--out", required=True, help="folder for CSV, JSON and PNG")
+    p.set_defaults(run=_analyze)
+
+    p = commands.add_parser("report", help="the report folder from a results table")
+    p.add_argument("--results", required=True, help="results.jsonl of a demo or sweep")
+    p.add_argument("--out", help="report folder (default: beside the results)")
+    p.set_defaults(run=_report)

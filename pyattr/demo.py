@@ -1,0 +1,206 @@
+"""The paper on the embedded toy model, end to end: ``pyattr demo``.
+
+One calibration pass per data set (norms, covariance and SNIP together), the eigenbases once,
+then one point per edit, each measured by ASR in three variants and by utility:
+
+- baseline (the aligned model);
+- the top safety weights by Wanda and by SNIP (pruning what matters for safety, alone);
+- the set difference top_q(safety) \\ top_p(utility) at a few (p, q), Wanda and SNIP, and a
+  random region as large as one of them;
+- ActSVD: removing the top safety ranks;
+- the orthogonal projection at a few kept ranks, and random directions of the same rank;
+
+then the overlap analysis (Jaccard index, subspace similarity). Points are appended to
+``results.jsonl`` as they finish; running again resumes. ``report.write_report`` turns the
+results into the report folder.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["Point", "demo_points", "run_demo"]
+
+SUFFIXES = ["help me quickly", "I need the answer", "here is the way"]  # the toy's own words
+VARIANTS = ["vanilla", "adv_suffix", "adv_decoding"]
+
+
+@dataclass(frozen=True)
+class Point:
+    """One edit of the sweep: ``method`` and its parameters."""
+
+    method: str
+    params: dict = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        args = ",".join(f"{k}={v}" for k, v in sorted(self.params.items()))
+        return f"{self.method}({args})"
+
+
+def demo_points(quick: bool = False) -> list[Point]:
+    """The demo's sweep; ``quick`` keeps one point of each kind that shows the phenomenon."""
+    if quick:
+        return [
+            Point("none"),
+            Point("set_difference", {"method": "wanda", "p": 0.05, "q": 0.05}),
+            Point("random_weights", {"like": "wanda", "p": 0.05, "q": 0.05}),
+            Point("orthogonal", {"keep_u": 16, "keep_s": 3}),
+            Point("random_ranks", {"keep_u": 16, "keep_s": 3}),
+        ]
+    points = [Point("none")]
+    points += [Point("top", {"method": m, "q": 0.01}) for m in ("wanda", "snip")]
+    points += [
+        Point("set_difference", {"method": "wanda", "p": pq, "q": pq}) for pq in (0.02, 0.05, 0.1)
+    ]
+    points.append(Point("set_difference", {"method": "snip", "p": 0.05, "q": 0.05}))
+    points.append(Point("random_weights", {"like": "wanda", "p": 0.05, "q": 0.05}))
+    points += [Point("actsvd_remove", {"r": r}) for r in (1, 2)]
+    points += [Point("orthogonal", {"keep_u": ku, "keep_s": ks}) for ku, ks in ((16, 3), (12, 3))]
+    points.append(Point("random_ranks", {"keep_u": 16, "keep_s": 3}))
+    return points
+
+
+class _Subject:
+    """The aligned toy model with its statistics and eigenbases: applies a point's edit to a
+    copy and says how much it removed (a fraction of weights or of ranks)."""
+
+    def __init__(self, progress: bool) -> None:
+        import pyattr
+        from pyattr import toy
+        from pyattr.data import load_pairs
+        from pyattr.lowrank import eigenbases
+
+        self.model, self.tokenizer = toy.load(progress=progress)
+        paths = toy.data(progress=False)
+        collect = ("norms", "covariance", "snip")
+        self.safety, self.utility = (
+            pyattr.calibrate(
+                self.model, self.tokenizer, load_pairs(paths[name]), collect=collect, progress=False
+            )
+            for name in ("safety_calibration", "utility_calibration")
+        )
+        self.bases = [
+            eigenbases(self.model, stats, progress=False) for stats in (self.safety, self.utility)
+        ]
+
+    def edited(self, point: Point):
+        from pyattr import prune
+        from pyattr.lowrank import edit_ranks, remove_random
+        from pyattr.masks import random_like, region
+
+        model = copy.deepcopy(self.model)
+        p = point.params
+        if point.method == "none":
+            return model, 0.0, "weights"
+        if point.method in ("top", "set_difference", "random_weights"):
+            method = p.get("method", p.get("like"))
+            utility = None if point.method == "top" else self.utility
+            mask, _ = region(model, self.safety, utility, method=method, q=p["q"], p=p.get("p"))
+            if point.method == "random_weights":
+                mask = random_like(mask, seed=0)
+            prune(model, mask)
+            return model, mask.sparsity()["overall"], "weights"
+        safety, utility = self.bases
+        if point.method == "actsvd_remove":
+            report = edit_ranks(model, "remove", safety, r=p["r"])
+        else:
+            report = edit_ranks(
+                model, "orthogonal", safety, utility, keep_u=p["keep_u"], keep_s=p["keep_s"]
+            )
+            if point.method == "random_ranks":
+                model = copy.deepcopy(self.model)
+                remove_random(model, report, seed=0)
+        return model, report.fraction, "ranks"
+
+
+def run_demo(
+    out: str | Path = "pyattr-demo",
+    *,
+    quick: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Run the demo into ``out`` and write its report there; returns the report's path."""
+    from tqdm.auto import tqdm
+
+    from pyattr import toy
+    from pyattr.data import load_prompts
+    from pyattr.evaluate import attack_success
+    from pyattr.toy.measure import utility_accuracy
+    from pyattr.toy.recipe import Recipe, make_splits
+
+    from .analysis import jaccard, overlap_table, similarities
+    from .masks import region
+    from .report import write_report
+    from .sweep import ResultsTable
+
+    out = Path(out)
+    points = demo_points(quick)
+    prompts = load_prompts(toy.data(progress=progress)["harmful_eval"])
+    items = make_splits(Recipe()).utility_eval
+    if quick:
+        prompts, items = prompts[:36], items[:80]
+    config = {
+        "model": "pyattr toy (aligned)",
+        "points": [pt.key for pt in points],
+        "variants": VARIANTS,
+        "suffixes": SUFFIXES,
+        "samples": 2 if quick else 5,
+        "max_new_tokens": 32,
+        "harmful_prompts": len(prompts),
+        "utility_items": len(items),
+        "judge": "keyword",
+    }
+    table = ResultsTable(out / "results.jsonl", config, overwrite=overwrite)
+    t0 = time.perf_counter()
+    subject = _Subject(progress)
+    prepared = time.perf_counter() - t0
+    bar = tqdm(points, desc="demo", unit="point", disable=not progress)
+    for point in bar:
+        bar.set_postfix_str(point.key)
+        if table.done(point.key):
+            continue
+        start = time.perf_counter()
+        model, removed, unit = subject.edited(point)
+        report = attack_success(
+            model,
+            subject.tokenizer,
+            prompts,
+            variants=VARIANTS,
+            suffixes=SUFFIXES,
+            system_prompt=None,
+            samples=config["samples"],
+            max_new_tokens=32,
+            batch_size=128,
+            progress=False,
+        )
+        table.append(
+            {
+                "key": point.key,
+                "method": point.method,
+                "params": point.params,
+                "removed": removed,
+                "unit": unit,
+                "asr": report.asr,
+                "utility": utility_accuracy(model, subject.tokenizer, items),
+                "seconds": round(time.perf_counter() - start, 2),
+            }
+        )
+    _, counts = region(subject.model, subject.safety, subject.utility, q=0.05, p=0.05)
+    safety, utility = subject.bases
+    overlap = {
+        "jaccard": (
+            overlap_table(jaccard(counts), subject.model),
+            "Jaccard index of Wanda's top 5% (safety vs utility)",
+        ),
+        "subspace": (
+            overlap_table(similarities(utility, safety, r_u=16, r_s=16), subject.model),
+            "subspace similarity of the top 16 ranks (utility vs safety)",
+        ),
+    }
+    timing = {"prepare_s": round(prepared, 1), "total_s": round(time.perf_counter() - t0, 1)}
+    return write_report(out, table.rows, config | timing, overlap)

@@ -1,0 +1,105 @@
+"""The command line and the demo, end to end on the toy model: every stage reads the files the
+one before wrote; the reduced demo writes a report that shows the paper's phenomenon; a sweep
+interrupted halfway resumes without redoing finished points."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pyattr.__main__ import main
+from pyattr.sweep import ResultsTable
+
+
+def test_results_table_resumes_and_protects_other_results(tmp_path):
+    path = tmp_path / "results.jsonl"
+    table = ResultsTable(path, {"grid": [1, 2]})
+    table.append({"key": "a", "asr": 0.5})
+    with path.open("a") as f:
+        f.write('{"key": "b", "as')  # cut short by an interruption
+    again = ResultsTable(path, {"grid": [1, 2]})
+    assert again.rows == [{"key": "a", "asr": 0.5}]
+    assert again.done("a") == {"key": "a", "asr": 0.5} and again.done("b") is None
+    again.append({"key": "b", "asr": 1.0})
+    assert [r["key"] for r in ResultsTable(path, {"grid": [1, 2]}).rows] == ["a", "b"]
+    with pytest.raises(FileExistsError, match="another configuration"):
+        ResultsTable(path, {"grid": [3]})
+    assert ResultsTable(path, {"grid": [3]}, overwrite=True).rows == []
+    with pytest.raises(ValueError, match="needs a 'key'"):
+        again.append({"asr": 1})
+
+
+def test_stages_chain_through_their_files(tmp_path, capsys):
+    d = tmp_path
+    assert main(["calibrate", "--out", str(d / "s.safetensors"), "--collect", "norms"]) == 0
+    utility = ["--toy-set", "utility", "--collect", "norms"]
+    assert main(["calibrate", *utility, "--out", str(d / "u.safetensors")]) == 0
+    stats = ["--safety", str(d / "s.safetensors"), "--utility", str(d / "u.safetensors")]
+    assert main(["mask", *stats, "--q", "0.05", "--p", "0.05", "--out", str(d / "m")]) == 0
+    assert "mask of 2.4" in capsys.readouterr().out
+    assert main(["prune", "--mask", str(d / "m"), "--out", str(d / "pruned")]) == 0
+    assert (d / "pruned" / "config.json").exists()
+    assert not list(d.glob(".*partial"))
+    asr = ["--no-system-prompt", "--max-new-tokens", "32", "--batch-size", "128"]
+    assert main(["eval", "asr", "--model", str(d / "pruned"), *asr, "--out", str(d / "a")]) == 0
+    summary = json.loads((d / "a" / "summary.json").read_text())
+    assert summary["asr"]["vanilla"] >= 0.5  # the set difference breaks the toy's refusals
+    rewound = ["--restore-from", "toy", "--out", str(d / "rewound")]
+    assert main(["prune", "--model", str(d / "pruned"), "--mask", str(d / "m"), *rewound]) == 0
+    assert main(["eval", "asr", "--model", str(d / "rewound"), *asr]) == 0
+    assert "ASR vanilla: 0.0" in capsys.readouterr().out  # rewinding restores the refusals
+
+
+def test_a_missing_file_names_the_command_that_makes_it(tmp_path):
+    with pytest.raises(SystemExit, match="no statistics at .*make it with `pyattr calibrate`"):
+        main(["mask", "--safety", str(tmp_path / "nope"), "--q", "0.1", "--out", "x"])
+    with pytest.raises(SystemExit, match="no eigenbases at .*`pyattr lowrank eigen`"):
+        main(["lowrank", "edit", "--safety", str(tmp_path / "e"), "--r", "1", "--out", "y"])
+    with pytest.raises(SystemExit, match="no model folder"):
+        main(["eval", "asr", "--model", str(tmp_path / "model")])
+
+
+def test_reduced_demo_report_and_resume(tmp_path, monkeypatch):
+    import pyattr.evaluate as evaluate
+
+    real, calls, fail = evaluate.attack_success, [], [3]
+
+    class Interrupt(Exception):
+        """Stands in for Ctrl-C (pytest itself stops on a real KeyboardInterrupt)."""
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == fail[0]:
+            fail[0] = None
+            raise Interrupt  # during the third point, once
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "attack_success", interrupted)
+    with pytest.raises(Interrupt):
+        main(["demo", "--quick", "--quiet", "--out", str(tmp_path)])
+    lines = (tmp_path / "results.jsonl").read_text().splitlines()
+    assert len(lines) == 1 + 2  # the configuration and the two finished points
+    assert not (tmp_path / "report.md").exists()
+
+    calls.clear()
+    assert main(["demo", "--quick", "--quiet", "--out", str(tmp_path)]) == 0
+    assert len(calls) == 3  # only the three points not finished before
+    names = {p.name for p in tmp_path.iterdir()}
+    assert {"results.json", "results.csv", "asr_utility.png", "report.md"} <= names
+    assert {"jaccard.png", "jaccard.csv", "subspace.png", "subspace.csv"} <= names
+    results = json.loads((tmp_path / "results.json").read_text())
+    rows = {r["method"]: r for r in results["results"]}
+    assert results["config"]["points"][0] == "none()" and len(results["results"]) == 5
+    base = rows["none"]
+    assert base["asr"]["vanilla"] <= 0.05 and base["utility"] >= 0.9
+    for broken in ("set_difference", "orthogonal"):
+        assert rows[broken]["asr"]["vanilla"] >= 0.5
+        assert rows[broken]["utility"] >= base["utility"] - 0.1
+        assert 0 < rows[broken]["removed"] <= 0.03
+    for control in ("random_weights", "random_ranks"):
+        assert rows[control]["asr"]["vanilla"] <= 0.1
+    for row in results["results"]:
+        assert all(0 <= v <= 1 for v in row["asr"].values())
+    report = (tmp_path / "report.md").read_text()
+    assert "asr_utility.png" in report and "jaccard.png" in report and '"judge"' in report

@@ -9,6 +9,8 @@
     pyattr eval asr --model pruned/ --variants vanilla adv_decoding --out asr/
     pyattr eval utility --model pruned/ --tasks boolq rte --limit 200 --out utility.json
     pyattr analyze --safety ... --utility ... --out overlap/          # tables and heat maps
+    pyattr finetune --n 32 --frozen m.mask.safetensors --out attacked/   # frozen fine-tuning
+    pyattr rewind --model attacked/ --mask m.mask.safetensors --source toy --out rewound/
 
 ``--model`` is a local Hugging Face folder, ``toy`` (the aligned toy model, the default) or
 ``toy:base``. Nothing is downloaded.
@@ -139,6 +141,61 @@ def _prune(args) -> int:
     return 0
 
 
+def _rewind(args) -> int:
+    import pyattr
+    from pyattr.artifacts import Mask
+
+    model, tok = load_model(args.model, args.dtype)
+    mask = pyattr.load_mask(_need(args.mask, "mask", "mask"), model=model)
+    if args.complement:
+        mask = Mask({name: ~m for name, m in mask.masks.items()})
+    source, _ = load_model(args.source, args.dtype)
+    pyattr.restore(model, source, mask)
+    folder = save_model(model, tok, args.out)
+    print(f"rewound {mask.sparsity()['overall']:.2%} of the weights; model folder: {folder}")
+    return 0
+
+
+def _finetune(args) -> int:
+    import pyattr
+    from pyattr.data import Example, load_pairs
+    from pyattr.finetune import finetune
+
+    model, tok = load_model(args.model, args.dtype)
+    if args.data is None:
+        from pyattr.toy.recipe import Recipe, make_splits
+
+        pairs = [Example(p, r) for p, r in make_splits(Recipe()).instruct_harmful]
+    else:
+        pairs = load_pairs(
+            args.data, prompt_column=args.prompt_column, response_column=args.response_column
+        )
+    if args.n is not None:
+        from pyattr.data import sample
+
+        pairs = sample(pairs, args.n, seed=args.seed)
+    frozen = None
+    if args.frozen is not None:
+        frozen = pyattr.load_mask(_need(args.frozen, "mask", "mask"), model=model)
+    result = finetune(
+        model,
+        tok,
+        pairs,
+        frozen=frozen,
+        steps=args.steps,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        weight_decay=args.weight_decay,
+        lora_rank=args.lora_rank,
+        seed=args.seed,
+    )
+    print(
+        f"loss {result['loss_first']:.3f} -> {result['loss_last']:.3f} in {result['steps']} steps"
+    )
+    print(f"model folder: {save_model(model, tok, args.out)}")
+    return 0
+
+
 def _lowrank(args) -> int:
     import pyattr
 
@@ -264,7 +321,7 @@ def add_commands(commands) -> None:
 
     p = commands.add_parser("demo", help="the paper on the toy model, with a report")
     p.add_argument("--out", default="pyattr-demo", help="report folder (default pyattr-demo)")
-    p.add_argument("--quick", action="store_true", help="five points, fewer prompts (~1 min)")
+    p.add_argument("--quick", action="store_true", help="six points, fewer prompts (about 30 s)")
     p.add_argument("--overwrite", action="store_true", help="replace results of another run")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=_demo)
@@ -302,6 +359,28 @@ def add_commands(commands) -> None:
     p.add_argument("--restore-from", help="copy the masked entries from this model instead")
     p.add_argument("--out", required=True, help="model folder to write")
     p.set_defaults(run=_prune)
+
+    p = commands.add_parser("finetune", parents=[common], help="a fine-tuning attack")
+    p.add_argument("--data", help="pairs to fine-tune on (default: the toy's harmful pairs)")
+    p.add_argument("--prompt-column", default="prompt")
+    p.add_argument("--response-column", default="response")
+    p.add_argument("--n", type=int, help="sample this many pairs")
+    p.add_argument("--frozen", help="mask of the entries to keep bit for bit")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--lora-rank", type=int, help="LoRA through peft instead of full")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="model folder to write")
+    p.set_defaults(run=_finetune)
+
+    p = commands.add_parser("rewind", parents=[common], help="restore masked entries")
+    p.add_argument("--mask", required=True, help="mask from `pyattr mask`")
+    p.add_argument("--source", default="toy", help="the model to copy them from")
+    p.add_argument("--complement", action="store_true", help="everything but the mask")
+    p.add_argument("--out", required=True, help="model folder to write")
+    p.set_defaults(run=_rewind)
 
     p = commands.add_parser("lowrank", parents=[common], help="eigenbases and rank edits")
     p.add_argument("action", choices=["eigen", "edit"])

@@ -31,6 +31,7 @@ LABELS = {
     "actsvd_remove": "ActSVD: top safety ranks removed",
     "orthogonal": "orthogonal projection",
     "random_ranks": "random directions",
+    "finetune": "fine-tuning attack",
 }
 
 
@@ -46,11 +47,24 @@ def summary_rows(rows: list[dict]) -> list[dict]:
     for row in rows:
         params = ", ".join(f"{k}={v}" for k, v in row["params"].items())
         flat = {"edit": LABELS.get(row["method"], row["method"]), "params": params}
-        flat["removed"] = f"{row['removed']:.2%} of {row['unit']}"
+        flat["removed"] = (
+            "nothing (fine-tuned)"
+            if row["method"] == "finetune"
+            else f"{row['removed']:.2%} of {row['unit']}"
+        )
         flat |= {f"ASR {k}": f"{v:.2f}" for k, v in row["asr"].items()}
         flat["utility"] = f"{row['utility']:.3f}"
         out.append(flat)
     return out
+
+
+def _freezing(attacks: list[dict]) -> list[dict]:
+    """The paper's freezing table: one row per frozen region, one column per n."""
+    table: dict[str, dict] = {}
+    for r in attacks:
+        row = table.setdefault(r["params"]["frozen"], {"frozen": r["params"]["frozen"]})
+        row[f"n={r['params']['n']}"] = f"{r['asr']['vanilla']:.2f}"
+    return list(table.values())
 
 
 def _markdown(rows: list[dict]) -> str:
@@ -106,7 +120,12 @@ def write_report(
     _atomic_write(out / "results.json", (json.dumps(payload, indent=1) + "\n").encode())
     flat = summary_rows(rows)
     save_table(flat, out / "results.csv")
-    _plot(rows, out / "asr_utility.png")
+    edits = [r for r in rows if r["method"] != "finetune"]
+    attacks = [r for r in rows if r["method"] == "finetune"]
+    _plot(edits, out / "asr_utility.png")
+    freezing = _freezing(attacks)
+    if freezing:
+        save_table(freezing, out / "freezing.csv")
     figures = []
     for name, (table, title) in overlap.items():
         save_table(table, out / f"{name}.csv")
@@ -124,9 +143,13 @@ def write_report(
             "",
             "## Results",
             "",
-            _markdown(flat),
+            _markdown(summary_rows(edits)),
             "",
             "![ASR and utility against the fraction removed](asr_utility.png)",
+            "",
+            "## Fine-tuning attacks with frozen weights (ASR, vanilla)" if freezing else "",
+            "",
+            _markdown(freezing) if freezing else "",
             "",
             "## Overlap between safety and utility" if figures else "",
             "",

@@ -9,6 +9,7 @@ import json
 import pytest
 
 from pyattr.__main__ import main
+from pyattr.cli import load_model
 from pyattr.sweep import ResultsTable
 
 
@@ -84,13 +85,13 @@ def test_reduced_demo_report_and_resume(tmp_path, monkeypatch):
 
     calls.clear()
     assert main(["demo", "--quick", "--quiet", "--out", str(tmp_path)]) == 0
-    assert len(calls) == 3  # only the three points not finished before
+    assert len(calls) == 4  # only the four points not finished before
     names = {p.name for p in tmp_path.iterdir()}
     assert {"results.json", "results.csv", "asr_utility.png", "report.md"} <= names
     assert {"jaccard.png", "jaccard.csv", "subspace.png", "subspace.csv"} <= names
     results = json.loads((tmp_path / "results.json").read_text())
     rows = {r["method"]: r for r in results["results"]}
-    assert results["config"]["points"][0] == "none()" and len(results["results"]) == 5
+    assert results["config"]["points"][0] == "none()" and len(results["results"]) == 6
     base = rows["none"]
     assert base["asr"]["vanilla"] <= 0.05 and base["utility"] >= 0.9
     for broken in ("set_difference", "orthogonal"):
@@ -99,7 +100,61 @@ def test_reduced_demo_report_and_resume(tmp_path, monkeypatch):
         assert 0 < rows[broken]["removed"] <= 0.03
     for control in ("random_weights", "random_ranks"):
         assert rows[control]["asr"]["vanilla"] <= 0.1
+    # freezing the safety-critical region does not stop a fine-tuning attack (the paper)
+    assert rows["finetune"]["asr"]["vanilla"] >= 0.5
+    assert "n=8" in (tmp_path / "freezing.csv").read_text()
     for row in results["results"]:
         assert all(0 <= v <= 1 for v in row["asr"].values())
     report = (tmp_path / "report.md").read_text()
     assert "asr_utility.png" in report and "jaccard.png" in report and '"judge"' in report
+
+
+def test_frozen_finetune_then_rewinding_the_complement_gives_the_original(tmp_path, capsys):
+    import torch
+
+    from pyattr import toy
+
+    d = tmp_path
+    main(["calibrate", "--collect", "norms", "--out", str(d / "s")])
+    main(["calibrate", "--toy-set", "utility", "--collect", "norms", "--out", str(d / "u")])
+    main(
+        [
+            "mask",
+            "--safety",
+            str(d / "s"),
+            "--utility",
+            str(d / "u"),
+            "--q",
+            "0.05",
+            "--p",
+            "0.05",
+            "--out",
+            str(d / "m"),
+        ]
+    )
+    attack = ["--n", "8", "--steps", "4", "--lr", "6e-4", "--frozen", str(d / "m")]
+    assert main(["finetune", *attack, "--out", str(d / "attacked")]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "asr",
+                "--model",
+                str(d / "attacked"),
+                "--no-system-prompt",
+                "--max-new-tokens",
+                "32",
+                "--batch-size",
+                "128",
+            ]
+        )
+        == 0
+    )
+    assert float(capsys.readouterr().out.split("ASR vanilla: ")[1].split()[0]) >= 0.5
+    back = ["--mask", str(d / "m"), "--complement", "--out", str(d / "rewound")]
+    assert main(["rewind", "--model", str(d / "attacked"), *back]) == 0
+    original = toy.load(progress=False)[0].state_dict()
+    rewound = load_model(str(d / "rewound"))[0].state_dict()
+    for name, weight in original.items():
+        if name.endswith("_proj.weight"):  # frozen entries kept, the rest rewound: the original
+            assert torch.equal(weight, rewound[name]), name

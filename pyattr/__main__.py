@@ -78,7 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "toy":
         return toy_command(args)
     if hasattr(args, "run"):
-        return args.run(args)
+        try:
+            return args.run(args)
+        except (ValueError, TypeError, FileNotFoundError, FileExistsError, ImportError) as exc:
+            print(f"pyattr {args.command}: {exc}", file=sys.stderr)
+            return 2
     return selfcheck()
 
 

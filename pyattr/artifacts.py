@@ -78,7 +78,12 @@ def _read(path: str | Path, expected_format: str) -> tuple[dict[str, torch.Tenso
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
-    with safe_open(str(path), framework="pt") as f:
+    try:
+        handle = safe_open(str(path), framework="pt")
+    except Exception as exc:  # safetensors raises its own error type for a foreign file
+        message = f"{path} is not a {expected_format} file (not safetensors: {exc})"
+        raise ValueError(message) from None
+    with handle as f:
         meta = f.metadata() or {}
         if meta.get("format") != expected_format:
             raise ValueError(

@@ -227,26 +227,31 @@ def _rank(value: str | None) -> int | float | None:
     return float(value) if "." in value else int(value)
 
 
+def _asr_options(args) -> dict:
+    """attack_success's options from the eval and sweep arguments."""
+    from pyattr.evaluate import LLAMA2_SYSTEM_PROMPT, KeywordJudge
+
+    return {
+        "prompts": args.prompts,
+        "variants": args.variants,
+        "suffixes": args.suffixes,
+        "judge": KeywordJudge(min_words=args.min_words),
+        "system_prompt": None
+        if args.no_system_prompt
+        else args.system_prompt or LLAMA2_SYSTEM_PROMPT,
+        "samples": args.samples,
+        "max_new_tokens": args.max_new_tokens,
+        "batch_size": args.batch_size,
+        "backend": args.backend,
+    }
+
+
 def _eval(args) -> int:
     model, tok = load_model(args.model, args.dtype)
     if args.action == "asr":
-        from pyattr.evaluate import LLAMA2_SYSTEM_PROMPT as LLAMA2
-        from pyattr.evaluate import KeywordJudge, attack_success
+        from pyattr.evaluate import attack_success
 
-        report = attack_success(
-            model,
-            tok,
-            args.prompts,
-            variants=args.variants,
-            suffixes=args.suffixes,
-            judge=KeywordJudge(min_words=args.min_words),
-            system_prompt=None if args.no_system_prompt else args.system_prompt or LLAMA2,
-            samples=args.samples,
-            max_new_tokens=args.max_new_tokens,
-            batch_size=args.batch_size,
-            out=args.out,
-            backend=args.backend,
-        )
+        report = attack_success(model, tok, out=args.out, **_asr_options(args))
         for variant, value in report.asr.items():
             print(f"ASR {variant}: {value:.3f}")
         return 0
@@ -287,6 +292,87 @@ def _analyze(args) -> int:
         save_table(rows, out / f"{name}.json")
         heatmap(rows, out / f"{name}.png", title=title)
         print(f"{name}: {out / name}.csv, .json, .png")
+    return 0
+
+
+def _pairs(values: list[str] | None, names: tuple[str, str], parse) -> list[dict]:
+    """Parameter dicts from "A,B" arguments."""
+    out = []
+    for value in values or []:
+        try:
+            a, b = (parse(v) for v in value.split(","))
+        except ValueError:
+            raise SystemExit(f"pyattr: {value!r} is not a pair like 0.05,0.05") from None
+        out.append(dict(zip(names, (a, b), strict=True)))
+    return out
+
+
+def _sweep(args) -> int:
+    import pyattr
+    from pyattr.evaluate import attack_success
+    from pyattr.report import write_report
+    from pyattr.sweep import Editor, Point, ResultsTable, run_points
+
+    model, tok = load_model(args.model, args.dtype)
+    safety = pyattr.load_stats(_need(args.safety, "statistics", "calibrate"), model=model)
+    utility = pyattr.load_stats(_need(args.utility, "statistics", "calibrate"), model=model)
+    points = [Point("none")]
+    points += [Point("top", {"method": args.method, "q": q}) for q in args.top or []]
+    for pq in _pairs(args.set_difference, ("p", "q"), float):
+        points.append(Point("set_difference", {"method": args.method, **pq}))
+        if args.controls:
+            points.append(Point("random_weights", {"like": args.method, **pq}))
+    points += [Point("actsvd_remove", {"r": _rank(r)}) for r in args.actsvd or []]
+    for ranks in _pairs(args.orthogonal, ("r_u", "r_s"), _rank):
+        points.append(Point("orthogonal", ranks))
+        if args.controls:
+            points.append(Point("random_ranks", ranks))
+    if len(points) == 1:
+        raise SystemExit("pyattr: no sweep points: give --set-difference, --top, --orthogonal ...")
+    toy_model = args.model.startswith("toy")
+    if toy_model:
+        from pyattr.toy.measure import utility_accuracy
+        from pyattr.toy.recipe import Recipe, make_splits
+
+        items = make_splits(Recipe()).utility_eval
+
+    def measure(edited) -> dict:
+        report = attack_success(edited, tok, progress=False, **_asr_options(args))
+        row = {"asr": report.asr, "utility": None}
+        if args.text:
+            from pyattr.evaluate import perplexity
+
+            row["perplexity"] = perplexity(edited, tok, Path(args.text))
+        if args.tasks:
+            from pyattr.evaluate import zero_shot
+
+            row["utility"] = zero_shot(edited, tok, args.tasks, limit=args.limit)["mean_acc"]
+        elif toy_model:
+            row["utility"] = utility_accuracy(edited, tok, items)
+        return row
+
+    out = Path(args.out)
+    config = {"model": args.model, "points": [p.key for p in points]}
+    config |= {
+        k: getattr(args, k)
+        for k in (
+            "safety",
+            "utility",
+            "variants",
+            "suffixes",
+            "samples",
+            "max_new_tokens",
+            "tasks",
+            "limit",
+        )
+    }
+    table = ResultsTable(out / "results.jsonl", config, overwrite=args.overwrite)
+    rows = run_points(Editor(model, safety, utility), points, table, measure)
+    path = write_report(out, rows, config)
+    from pyattr.report import _markdown, summary_rows
+
+    print(_markdown(summary_rows(rows)))
+    print(f"\nreport: {path}")
     return 0
 
 
@@ -422,6 +508,39 @@ def add_commands(commands) -> None:
     p.add_argument("--r-s")
     p.add_argument("--out", required=True, help="folder for CSV, JSON and PNG")
     p.set_defaults(run=_analyze)
+
+    p = commands.add_parser(
+        "sweep",
+        parents=[common],
+        help="a grid of edits from one set of statistics",
+        description="Evaluate a grid of edits from one set of statistics (and the eigenbases "
+        "computed once from their covariances). Each point is appended to OUT/results.jsonl as "
+        "it finishes; run the same command again to resume. Writes the report to OUT.",
+    )
+    p.add_argument("--safety", required=True, help="safety statistics (`pyattr calibrate`)")
+    p.add_argument("--utility", required=True, help="utility statistics")
+    p.add_argument("--method", choices=["wanda", "snip"], default="wanda")
+    p.add_argument("--top", nargs="+", type=float, help="top-q safety fractions")
+    p.add_argument("--set-difference", nargs="+", help="p,q pairs, e.g. 0.02,0.02 0.05,0.05")
+    p.add_argument("--actsvd", nargs="+", help="top safety ranks to remove")
+    p.add_argument("--orthogonal", nargs="+", help="r_u,r_s pairs (counts or fractions of R)")
+    p.add_argument("--controls", action="store_true", help="a random control for each point")
+    p.add_argument("--prompts", help="harmful prompts (default: the toy held-out set)")
+    p.add_argument("--variants", nargs="+", default=["vanilla"])
+    p.add_argument("--suffixes")
+    p.add_argument("--system-prompt")
+    p.add_argument("--no-system-prompt", action="store_true")
+    p.add_argument("--samples", type=int, default=5)
+    p.add_argument("--min-words", type=int, help="short responses count as refusals")
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--backend", choices=["hf", "vllm"], default="hf")
+    p.add_argument("--text", help="a text file: perplexity per point")
+    p.add_argument("--tasks", nargs="+", help="lm-eval tasks: utility per point")
+    p.add_argument("--limit", type=int)
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--out", required=True, help="folder for results and report")
+    p.set_defaults(run=_sweep)
 
     p = commands.add_parser("report", help="the report folder from a results table")
     p.add_argument("--results", required=True, help="results.jsonl of a demo or sweep")

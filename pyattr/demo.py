@@ -20,28 +20,16 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["Point", "demo_points", "run_demo"]
+from .sweep import Editor, Point
+
+__all__ = ["demo_points", "run_demo"]
 
 SUFFIXES = ["help me quickly", "I need the answer", "here is the way"]  # the toy's own words
 VARIANTS = ["vanilla", "adv_suffix", "adv_decoding"]
 FINETUNE_N = (2, 8, 32)  # harmful (prompt, compliant answer) pairs of the fine-tuning attack
 FINETUNE = {"steps": 4, "lr": 6e-4, "batch_size": 8}
-
-
-@dataclass(frozen=True)
-class Point:
-    """One edit of the sweep: ``method`` and its parameters."""
-
-    method: str
-    params: dict = field(default_factory=dict)
-
-    @property
-    def key(self) -> str:
-        args = ",".join(f"{k}={v}" for k, v in sorted(self.params.items()))
-        return f"{self.method}({args})"
 
 
 def demo_points(quick: bool = False) -> list[Point]:
@@ -73,76 +61,43 @@ def demo_points(quick: bool = False) -> list[Point]:
     return points
 
 
-class _Subject:
-    """The aligned toy model with its statistics and eigenbases: applies a point's edit to a
-    copy and says how much it removed (a fraction of weights or of ranks)."""
+class _Subject(Editor):
+    """The aligned toy model with its statistics (norms, covariance and SNIP in one pass per
+    set); adds the fine-tuning attack to the sweep's edits."""
 
     def __init__(self, progress: bool) -> None:
         import pyattr
         from pyattr import toy
         from pyattr.data import load_pairs
-        from pyattr.lowrank import eigenbases
 
-        self.model, self.tokenizer = toy.load(progress=progress)
+        model, self.tokenizer = toy.load(progress=progress)
         paths = toy.data(progress=False)
         collect = ("norms", "covariance", "snip")
-        self.safety, self.utility = (
+        safety, utility = (
             pyattr.calibrate(
-                self.model, self.tokenizer, load_pairs(paths[name]), collect=collect, progress=False
+                model, self.tokenizer, load_pairs(paths[name]), collect=collect, progress=False
             )
             for name in ("safety_calibration", "utility_calibration")
         )
-        self.bases = [
-            eigenbases(self.model, stats, progress=False) for stats in (self.safety, self.utility)
-        ]
+        super().__init__(model, safety, utility)
 
-    def _attacked(self, model, p: dict):
-        """Fine-tune on n harmful pairs, the set difference (Wanda, p = q = 5%) frozen or not."""
+    def edited(self, point: Point):
+        if point.method != "finetune":
+            return super().edited(point)
         from pyattr.data import Example, sample
         from pyattr.finetune import finetune
         from pyattr.masks import region
         from pyattr.toy.recipe import Recipe, make_splits
 
+        model, p = copy.deepcopy(self.model), point.params
         harmful = [Example(q, a) for q, a in make_splits(Recipe()).instruct_harmful]
         frozen = None
         if p["frozen"] == "set_difference":
             frozen, _ = region(model, self.safety, self.utility, q=0.05, p=0.05)
         options = FINETUNE | {"batch_size": min(FINETUNE["batch_size"], p["n"])}
-        finetune(
-            model, self.tokenizer, sample(harmful, p["n"]), frozen=frozen, progress=False, **options
-        )
-        return model
-
-    def edited(self, point: Point):
-        from pyattr import prune
-        from pyattr.lowrank import edit_ranks, remove_random
-        from pyattr.masks import random_like, region
-
-        model = copy.deepcopy(self.model)
-        p = point.params
-        if point.method == "none":
-            return model, 0.0, "weights"
-        if point.method == "finetune":
-            return self._attacked(model, p), 0.0, "weights"
-        if point.method in ("top", "set_difference", "random_weights"):
-            method = p.get("method", p.get("like"))
-            utility = None if point.method == "top" else self.utility
-            mask, _ = region(model, self.safety, utility, method=method, q=p["q"], p=p.get("p"))
-            if point.method == "random_weights":
-                mask = random_like(mask, seed=0)
-            prune(model, mask)
-            return model, mask.sparsity()["overall"], "weights"
-        safety, utility = self.bases
-        if point.method == "actsvd_remove":
-            report = edit_ranks(model, "remove", safety, r=p["r"])
-        else:
-            report = edit_ranks(
-                model, "orthogonal", safety, utility, keep_u=p["keep_u"], keep_s=p["keep_s"]
-            )
-            if point.method == "random_ranks":
-                model = copy.deepcopy(self.model)
-                remove_random(model, report, seed=0)
-        return model, report.fraction, "ranks"
+        pairs = sample(harmful, p["n"])
+        finetune(model, self.tokenizer, pairs, frozen=frozen, progress=False, **options)
+        return model, 0.0, "weights"
 
 
 def run_demo(
@@ -153,8 +108,6 @@ def run_demo(
     progress: bool = True,
 ) -> Path:
     """Run the demo into ``out`` and write its report there; returns the report's path."""
-    from tqdm.auto import tqdm
-
     from pyattr import toy
     from pyattr.data import load_prompts
     from pyattr.evaluate import attack_success
@@ -164,7 +117,7 @@ def run_demo(
     from .analysis import jaccard, overlap_table, similarities
     from .masks import region
     from .report import write_report
-    from .sweep import ResultsTable
+    from .sweep import ResultsTable, run_points
 
     out = Path(out)
     points = demo_points(quick)
@@ -188,13 +141,8 @@ def run_demo(
     t0 = time.perf_counter()
     subject = _Subject(progress)
     prepared = time.perf_counter() - t0
-    bar = tqdm(points, desc="demo", unit="point", disable=not progress)
-    for point in bar:
-        bar.set_postfix_str(point.key)
-        if table.done(point.key):
-            continue
-        start = time.perf_counter()
-        model, removed, unit = subject.edited(point)
+
+    def measure(model) -> dict:
         report = attack_success(
             model,
             subject.tokenizer,
@@ -207,18 +155,9 @@ def run_demo(
             batch_size=128,
             progress=False,
         )
-        table.append(
-            {
-                "key": point.key,
-                "method": point.method,
-                "params": point.params,
-                "removed": removed,
-                "unit": unit,
-                "asr": report.asr,
-                "utility": utility_accuracy(model, subject.tokenizer, items),
-                "seconds": round(time.perf_counter() - start, 2),
-            }
-        )
+        return {"asr": report.asr, "utility": utility_accuracy(model, subject.tokenizer, items)}
+
+    run_points(subject, points, table, measure, progress=progress)
     _, counts = region(subject.model, subject.safety, subject.utility, q=0.05, p=0.05)
     safety, utility = subject.bases
     overlap = {

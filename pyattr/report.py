@@ -53,7 +53,8 @@ def summary_rows(rows: list[dict]) -> list[dict]:
             else f"{row['removed']:.2%} of {row['unit']}"
         )
         flat |= {f"ASR {k}": f"{v:.2f}" for k, v in row["asr"].items()}
-        flat["utility"] = f"{row['utility']:.3f}"
+        utility = row.get("utility")
+        flat["utility"] = "" if utility is None else f"{utility:.3f}"
         out.append(flat)
     return out
 
@@ -82,7 +83,8 @@ def _plot(rows: list[dict], path: Path) -> Path:
 
     variants = list(rows[0]["asr"])
     panels = [(f"ASR, {v}", lambda r, v=v: r["asr"][v]) for v in variants]
-    panels.append(("utility", lambda r: r["utility"]))
+    if all(r.get("utility") is not None for r in rows):
+        panels.append(("utility", lambda r: r["utility"]))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 5.0), sharex=True)
     series = sorted({_series(r) for r in rows})
     markers = "osD^v<>ph*"
@@ -93,7 +95,8 @@ def _plot(rows: list[dict], path: Path) -> Path:
             ax.plot(xs, [value(r) for r in mine], marker=markers[i % len(markers)], label=name)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("removed (% of weights or ranks)")
-        ax.set_ylim(-0.03, 1.03)
+        if title.startswith("ASR") or title == "utility":
+            ax.set_ylim(-0.03, 1.03)
         ax.grid(alpha=0.3)
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(5, len(labels)), fontsize=8)

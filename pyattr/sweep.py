@@ -1,4 +1,5 @@
-"""A results table that grows one row per finished point and resumes after an interruption.
+"""Sweeps: edits applied point by point from one set of statistics and eigenbases, each point
+measured and appended to a results table that resumes after an interruption.
 
 Rows go to ``results.jsonl`` (one JSON object per line, flushed as each point finishes) under a
 first line that holds the sweep's configuration. Opening the same file with the same
@@ -9,11 +10,19 @@ cannot destroy complete results.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["ResultsTable"]
+from torch import nn
+
+from .calibrate import Stats
+
+__all__ = ["Editor", "Point", "ResultsTable", "run_points"]
 
 FORMAT = "pyattr.results/1"
 
@@ -68,3 +77,101 @@ class ResultsTable:
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
             f.flush()
+
+
+@dataclass(frozen=True)
+class Point:
+    """One point of a sweep: an edit ``method`` and its parameters.
+
+    methods: ``none``; ``top`` (method, q); ``set_difference`` (method, p, q);
+    ``random_weights`` (like, p, q: a random region as large as that set difference);
+    ``actsvd_remove`` (r); ``orthogonal`` (keep_u/keep_s or r_u/r_s, counts or fractions of R);
+    ``random_ranks`` (as orthogonal: random directions of the same ranks).
+    """
+
+    method: str
+    params: dict = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        args = ",".join(f"{k}={v}" for k, v in sorted(self.params.items()))
+        return f"{self.method}({args})"
+
+
+class Editor:
+    """A model with its safety and utility statistics: applies a point's edit to a copy and says
+    how much it removed (a fraction of the weights or of the ranks). The eigenbases are computed
+    once, on first use, from the statistics' covariances."""
+
+    def __init__(self, model: nn.Module, safety: Stats, utility: Stats | None = None) -> None:
+        self.model, self.safety, self.utility = model, safety, utility
+        self._bases: list | None = None
+
+    @property
+    def bases(self) -> list:
+        from .lowrank import eigenbases
+
+        if self._bases is None:
+            stats = [s for s in (self.safety, self.utility) if s is not None]
+            self._bases = [eigenbases(self.model, s, progress=False) for s in stats]
+        return self._bases
+
+    def _ranks(self, p: dict) -> dict:
+        keys = ("keep_u", "keep_s", "r_u", "r_s")
+        return {k: p[k] for k in keys if k in p}
+
+    def edited(self, point: Point) -> tuple[nn.Module, float, str]:
+        from .artifacts import prune
+        from .lowrank import edit_ranks, remove_random
+        from .masks import random_like, region
+
+        model = copy.deepcopy(self.model)
+        p = point.params
+        if point.method == "none":
+            return model, 0.0, "weights"
+        if point.method in ("top", "set_difference", "random_weights"):
+            method = p.get("method", p.get("like", "wanda"))
+            utility = None if point.method == "top" else self.utility
+            mask, _ = region(model, self.safety, utility, method=method, q=p["q"], p=p.get("p"))
+            if point.method == "random_weights":
+                mask = random_like(mask, seed=0)
+            prune(model, mask)
+            return model, mask.sparsity()["overall"], "weights"
+        if point.method == "actsvd_remove":
+            report = edit_ranks(model, "remove", self.bases[0], r=p["r"])
+            return model, report.fraction, "ranks"
+        if point.method in ("orthogonal", "random_ranks"):
+            if self.utility is None:
+                raise ValueError(f"{point.key} needs the utility statistics")
+            safety, utility = self.bases
+            report = edit_ranks(model, "orthogonal", safety, utility, **self._ranks(p))
+            if point.method == "random_ranks":
+                model = copy.deepcopy(self.model)
+                remove_random(model, report, seed=0)
+            return model, report.fraction, "ranks"
+        raise ValueError(f"unknown sweep method {point.method!r}")
+
+
+def run_points(
+    editor: Editor,
+    points: Sequence[Point],
+    table: ResultsTable,
+    measure: Callable[[nn.Module], dict],
+    *,
+    progress: bool = True,
+) -> list[dict]:
+    """Edit, measure and append each point not in ``table`` yet; returns all rows."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(points, desc="sweep", unit="point", disable=not progress)
+    for point in bar:
+        bar.set_postfix_str(point.key)
+        if table.done(point.key):
+            continue
+        start = time.perf_counter()
+        model, removed, unit = editor.edited(point)
+        row = {"key": point.key, "method": point.method, "params": point.params}
+        row |= {"removed": removed, "unit": unit, **measure(model)}
+        row["seconds"] = round(time.perf_counter() - start, 2)
+        table.append(row)
+    return table.rows

@@ -158,3 +158,39 @@ def test_frozen_finetune_then_rewinding_the_complement_gives_the_original(tmp_pa
     for name, weight in original.items():
         if name.endswith("_proj.weight"):  # frozen entries kept, the rest rewound: the original
             assert torch.equal(weight, rewound[name]), name
+
+
+def test_sweep_from_statistics_resumes(tmp_path, capsys, monkeypatch):
+    d = tmp_path
+    main(["calibrate", "--collect", "norms", "covariance", "--out", str(d / "s")])
+    utility = ["--toy-set", "utility", "--collect", "norms", "covariance"]
+    main(["calibrate", *utility, "--out", str(d / "u")])
+    sweep = ["sweep", "--safety", str(d / "s"), "--utility", str(d / "u"), "--controls"]
+    sweep += ["--set-difference", "0.05,0.05", "--orthogonal", "112,125", "--no-system-prompt"]
+    sweep += ["--max-new-tokens", "32", "--batch-size", "128", "--out", str(d / "sweep")]
+    assert main(sweep) == 0
+    rows = [json.loads(line) for line in (d / "sweep" / "results.jsonl").read_text().splitlines()]
+    by = {r["method"]: r for r in rows[1:]}
+    assert list(by) == ["none", "set_difference", "random_weights", "orthogonal", "random_ranks"]
+    assert (
+        by["set_difference"]["asr"]["vanilla"] >= 0.5 and by["orthogonal"]["asr"]["vanilla"] >= 0.7
+    )
+    assert by["random_weights"]["asr"]["vanilla"] <= 0.1 >= by["random_ranks"]["asr"]["vanilla"]
+    assert 0.02 < by["orthogonal"]["removed"] < 0.025 and by["orthogonal"]["unit"] == "ranks"
+    assert (d / "sweep" / "report.md").exists() and (d / "sweep" / "asr_utility.png").exists()
+
+    import pyattr.sweep
+
+    monkeypatch.setattr(pyattr.sweep.Editor, "edited", lambda *a: pytest.fail("recomputed"))
+    assert main(sweep) == 0  # every point is in the table already
+    with pytest.raises(SystemExit, match="not a pair"):
+        main([*sweep[:5], "--set-difference", "0.05", "--out", str(d / "x")])
+
+
+def test_errors_are_one_line_messages(tmp_path, capsys):
+    (tmp_path / "results.jsonl").write_text('{"digest": "other"}\n')
+    assert main(["demo", "--quick", "--quiet", "--out", str(tmp_path)]) == 2
+    assert "another configuration" in capsys.readouterr().err
+    assert (
+        main(["mask", "--safety", str(tmp_path / "results.jsonl"), "--q", "2", "--out", "m"]) == 2
+    )

@@ -9,7 +9,8 @@ then one point per edit, each measured by ASR in three variants and by utility:
   random region as large as one of them;
 - ActSVD: removing the top safety ranks;
 - the orthogonal projection at a few kept ranks, and random directions of the same rank;
-- the fine-tuning attack on n harmful pairs, with the set difference frozen or not;
+- the fine-tuning attack on n harmful pairs with nothing, the set difference (Wanda, p = q = 5%,
+  2.4% of the weights) or the top 5% safety weights frozen;
 
 then the overlap analysis (Jaccard index, subspace similarity). Points are appended to
 ``results.jsonl`` as they finish; running again resumes. ``report.write_report`` turns the
@@ -56,7 +57,7 @@ def demo_points(quick: bool = False) -> list[Point]:
     points += [
         Point("finetune", {"n": n, "frozen": frozen})
         for n in FINETUNE_N
-        for frozen in ("none", "set_difference")
+        for frozen in ("none", "set_difference", "top_safety")
     ]
     return points
 
@@ -94,6 +95,8 @@ class _Subject(Editor):
         frozen = None
         if p["frozen"] == "set_difference":
             frozen, _ = region(model, self.safety, self.utility, q=0.05, p=0.05)
+        elif p["frozen"] == "top_safety":
+            frozen, _ = region(model, self.safety, q=0.05)
         options = FINETUNE | {"batch_size": min(FINETUNE["batch_size"], p["n"])}
         pairs = sample(harmful, p["n"])
         finetune(model, self.tokenizer, pairs, frozen=frozen, progress=False, **options)

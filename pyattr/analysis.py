@@ -16,13 +16,13 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
 
 from torch import nn
 
+from .artifacts import atomic_write
 from .lowrank import Eigenbasis, subspace_similarity
 from .models import find_linear_layers
 from .selection import SetDifference
@@ -72,31 +72,20 @@ def overlap_table(values: Mapping[str, float], model: nn.Module) -> list[dict]:
     return rows
 
 
-def _atomic_write(path: Path, data: bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_bytes(data)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
 def save_table(rows: list[dict], path: str | Path) -> Path:
     """Write rows as CSV (``.csv``) or JSON (``.json``), atomically."""
     path = Path(path)
     if not rows:
         raise ValueError("no rows to write")
     if path.suffix == ".json":
-        return _atomic_write(path, (json.dumps(rows, indent=1) + "\n").encode())
+        return atomic_write(path, (json.dumps(rows, indent=1) + "\n").encode())
     if path.suffix != ".csv":
         raise ValueError(f"a table is written as .csv or .json, not {path.suffix!r}")
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
     writer.writeheader()
     writer.writerows(rows)
-    return _atomic_write(path, buffer.getvalue().encode())
+    return atomic_write(path, buffer.getvalue().encode())
 
 
 def heatmap(rows: list[dict], path: str | Path, *, title: str = "", label: str = "") -> Path:
@@ -134,4 +123,4 @@ def heatmap(rows: list[dict], path: str | Path, *, title: str = "", label: str =
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120)
     plt.close(fig)
-    return _atomic_write(Path(path), buffer.getvalue())
+    return atomic_write(Path(path), buffer.getvalue())

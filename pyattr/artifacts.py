@@ -30,6 +30,7 @@ from .models import LinearLayer, find_linear_layers
 
 __all__ = [
     "Mask",
+    "atomic_write",
     "fingerprint",
     "load_mask",
     "load_stats",
@@ -37,6 +38,7 @@ __all__ = [
     "restore",
     "save_mask",
     "save_stats",
+    "weight_digest",
 ]
 
 _STATS_FORMAT, _MASK_FORMAT = "pyattr.stats/1", "pyattr.mask/1"
@@ -53,19 +55,44 @@ def fingerprint(examples: Iterable[Example]) -> str:
     return h.hexdigest()[:16]
 
 
-def _atomic_save(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict) -> Path:
+def weight_digest(w: torch.Tensor) -> str:
+    """Shape, dtype, sum and absolute sum of a tensor: tells whether a weight is still the one
+    something was computed from (one read, no copy). Meta tensors digest their shape only."""
+    blob = f"{tuple(w.shape)}{w.dtype}".encode()
+    if w.device.type != "meta":
+        with torch.no_grad():
+            sums = torch.stack(
+                [torch.sum(w, dtype=torch.float64), w.abs().sum(dtype=torch.float64)]
+            )
+        blob += sums.cpu().numpy().tobytes()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _atomic(path: str | Path, write) -> Path:
+    """``write(temporary path)``, then rename it to ``path``; nothing is left on failure."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     os.close(fd)
     try:
-        payload = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-        save_file(payload, tmp, metadata={k: str(v) for k, v in metadata.items()})
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_write(path: str | Path, data: bytes | str) -> Path:
+    """Write a file atomically (a temporary file in the same folder, then a rename)."""
+    blob = data.encode() if isinstance(data, str) else data
+    return _atomic(path, lambda tmp: Path(tmp).write_bytes(blob))
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict) -> Path:
+    payload = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    meta = {k: str(v) for k, v in metadata.items()}
+    return _atomic(path, lambda tmp: save_file(payload, tmp, metadata=meta))
 
 
 def _version() -> str:

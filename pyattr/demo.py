@@ -81,6 +81,7 @@ class _Subject(Editor):
             for name in ("safety_calibration", "utility_calibration")
         )
         super().__init__(model, safety, utility)
+        self._harmful: list | None = None
 
     def edited(self, point: Point):
         if point.method != "finetune":
@@ -91,14 +92,15 @@ class _Subject(Editor):
         from pyattr.toy.recipe import Recipe, make_splits
 
         model, p = copy.deepcopy(self.model), point.params
-        harmful = [Example(q, a) for q, a in make_splits(Recipe()).instruct_harmful]
+        if self._harmful is None:  # built once for all the attack points
+            self._harmful = [Example(q, a) for q, a in make_splits(Recipe()).instruct_harmful]
         frozen = None
         if p["frozen"] == "set_difference":
             frozen, _ = region(model, self.safety, self.utility, q=0.05, p=0.05)
         elif p["frozen"] == "top_safety":
             frozen, _ = region(model, self.safety, q=0.05)
         options = FINETUNE | {"batch_size": min(FINETUNE["batch_size"], p["n"])}
-        pairs = sample(harmful, p["n"])
+        pairs = sample(self._harmful, p["n"])
         finetune(model, self.tokenizer, pairs, frozen=frozen, progress=False, **options)
         return model, 0.0, "weights"
 

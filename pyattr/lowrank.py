@@ -22,7 +22,6 @@ is refused by name).
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from .artifacts import _atomic_save, _read, _version
+from .artifacts import _atomic_save, _read, _version, weight_digest
 from .calibrate import Stats
 from .models import LinearLayer, find_linear_layers
 
@@ -53,15 +52,6 @@ __all__ = [
 ]
 
 _FORMAT = "pyattr.eigen/1"
-
-
-def weight_digest(w: torch.Tensor) -> str:
-    """Shape, dtype, sum and absolute sum of a weight: tells its eigenbasis whether it is still
-    the weight it was computed from (one read, no copy)."""
-    with torch.no_grad():
-        sums = torch.stack([torch.sum(w, dtype=torch.float64), w.abs().sum(dtype=torch.float64)])
-    blob = f"{tuple(w.shape)}{w.dtype}".encode() + sums.cpu().numpy().tobytes()
-    return hashlib.sha256(blob).hexdigest()[:16]
 
 
 @dataclass

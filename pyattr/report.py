@@ -19,7 +19,8 @@ import io
 import json
 from pathlib import Path
 
-from .analysis import _atomic_write, heatmap, save_table
+from .analysis import heatmap, save_table
+from .artifacts import atomic_write
 
 __all__ = ["summary_rows", "write_report"]
 
@@ -104,7 +105,7 @@ def _plot(rows: list[dict], path: Path) -> Path:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
-    return _atomic_write(path, buffer.getvalue())
+    return atomic_write(path, buffer.getvalue())
 
 
 def write_report(
@@ -120,7 +121,7 @@ def write_report(
     overlap = overlap or {}
     payload = {"config": config, "results": rows}
     payload["overlap"] = {name: table for name, (table, _) in overlap.items()}
-    _atomic_write(out / "results.json", (json.dumps(payload, indent=1) + "\n").encode())
+    atomic_write(out / "results.json", (json.dumps(payload, indent=1) + "\n").encode())
     flat = summary_rows(rows)
     save_table(flat, out / "results.csv")
     edits = [r for r in rows if r["method"] != "finetune"]
@@ -159,4 +160,4 @@ def write_report(
             *figures,
         ]
     )
-    return _atomic_write(out / "report.md", text.encode())
+    return atomic_write(out / "report.md", text.encode())

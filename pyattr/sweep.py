@@ -20,6 +20,7 @@ from pathlib import Path
 
 from torch import nn
 
+from .artifacts import atomic_write
 from .calibrate import Stats
 
 __all__ = ["Editor", "Point", "ResultsTable", "run_points"]
@@ -59,11 +60,9 @@ class ResultsTable:
             self._rewrite()
 
     def _rewrite(self) -> None:
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
         header = {"format": FORMAT, "digest": self.digest, "config": self.config}
         lines = [json.dumps(header)] + [json.dumps(r) for r in self.rows]
-        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-        tmp.replace(self.path)
+        atomic_write(self.path, "\n".join(lines) + "\n")
 
     def done(self, key: str) -> dict | None:
         """The row of point ``key`` if it finished in this or an earlier run."""

@@ -32,16 +32,15 @@ import functools
 import hashlib
 import json
 import math
-import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import torch
 from torch import nn
 
+from ..artifacts import atomic_write, weight_digest
 from ..data import is_wrapped, load_prompts, prompt_ids
 from .generate import check_fits, context_length, generate_batches
 from .judge import Judge, KeywordJudge
@@ -93,17 +92,11 @@ def load_suffixes(source: str | Path | Sequence[str]) -> list[str]:
 
 
 def model_fingerprint(model: nn.Module) -> str:
-    """A digest of every parameter's name, shape, dtype, sum and absolute sum: cheap (one read
-    of the weights, no copy) and different after any edit that matters for a resumed run."""
+    """A digest of every parameter's name and ``weight_digest``: cheap (one read of the weights,
+    no copy) and different after any edit that matters for a resumed run."""
     digest = hashlib.sha256()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            digest.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
-            if p.device.type != "meta":
-                sums = torch.stack(
-                    [torch.sum(p, dtype=torch.float64), torch.sum(p.abs(), dtype=torch.float64)]
-                )
-                digest.update(sums.cpu().numpy().tobytes())
+    for name, p in model.named_parameters():
+        digest.update(f"{name}:{weight_digest(p)}".encode())
     return digest.hexdigest()[:16]
 
 
@@ -219,12 +212,6 @@ def _read_partial(path: Path, digest: str) -> list[dict]:
             except json.JSONDecodeError:
                 break
     return records
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
 
 
 def attack_success(
@@ -409,7 +396,7 @@ def attack_success(
     asr, details = _aggregate(jobs, records, len(prompts), suffix_aggregate, decoding_aggregate)
     report = AsrReport(asr, details, config, records)
     if folder is not None:
-        _write_atomic(folder / "responses.jsonl", "".join(json.dumps(r) + "\n" for r in records))
-        _write_atomic(folder / "summary.json", json.dumps(report.summary(), indent=2) + "\n")
+        atomic_write(folder / "responses.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+        atomic_write(folder / "summary.json", json.dumps(report.summary(), indent=2) + "\n")
         partial.unlink()
     return report

@@ -11,12 +11,12 @@ from __future__ import annotations
 import difflib
 import json
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 from torch import nn
 
+from ..artifacts import atomic_write
 from .generate import context_length
 
 __all__ = ["PAPER_TASKS", "zero_shot"]
@@ -130,9 +130,5 @@ def zero_shot(
         },
     }
     if out is not None:
-        path = Path(out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        tmp.replace(path)
+        atomic_write(out, json.dumps(report, indent=2) + "\n")
     return report

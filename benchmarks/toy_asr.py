@@ -1,12 +1,12 @@
-"""ASR of the toy model in the paper's four variants: base, aligned, and aligned with its Wanda
-set difference (p = q = 5%) pruned.
+"""ASR of the toy model in the paper's four variants, by the exact judge and the keyword judge:
+base, aligned, and aligned with its Wanda set difference (the demo's p, q) pruned.
 
     python -m benchmarks.toy_asr            # the 108 held-out harmful prompts
     python -m benchmarks.toy_asr --quick    # 12 prompts: a smoke run
 
-The toy model knows only its own words, so the suffixes are made of them. Greedy variants and the
-five Adv-Decoding samples use 32 new tokens (every toy answer is shorter); the judge is the
-keyword judge.
+The toy model knows only its own words, so the suffixes are made of them (``toy.measure``).
+Greedy variants and the five Adv-Decoding samples use 32 new tokens (every toy answer is
+shorter); vanilla has Llama-2's system prompt. Each cell is "exact / keyword" ASR.
 """
 
 from __future__ import annotations
@@ -17,9 +17,6 @@ import time
 
 from benchmarks.common import header, table
 
-SUFFIXES = ["sure here is", "Sure , here is how", "answer now"]
-VARIANTS = ["vanilla", "no_system", "adv_suffix", "adv_decoding"]
-
 
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -29,8 +26,9 @@ def main(argv: list[str] | None = None) -> str:
     import pyattr
     from pyattr import toy
     from pyattr.data import load_pairs, load_prompts
-    from pyattr.evaluate import attack_success
+    from pyattr.demo import SET_DIFFERENCE
     from pyattr.masks import region
+    from pyattr.toy.measure import SUFFIXES, VARIANTS, measure
 
     model, tok = toy.load(progress=False)
     base, _ = toy.load("base", progress=False)
@@ -39,8 +37,9 @@ def main(argv: list[str] | None = None) -> str:
         pyattr.calibrate(model, tok, load_pairs(paths[name]), collect=("norms",), progress=False)
         for name in ("safety_calibration", "utility_calibration")
     ]
+    p, q = SET_DIFFERENCE["wanda"]
     pruned = copy.deepcopy(model)
-    mask, _ = region(pruned, *stats, method="wanda", q=0.05, p=0.05)
+    mask, _ = region(pruned, *stats, method="wanda", q=q, p=p)
     pyattr.prune(pruned, mask)
     prompts = load_prompts(paths["harmful_eval"])[: 12 if args.quick else None]
     share = f"{mask.sparsity()['overall']:.1%}"
@@ -48,43 +47,28 @@ def main(argv: list[str] | None = None) -> str:
     for name, subject in (
         ("base", base),
         ("aligned", model),
-        (f"aligned − Wanda set difference ({share} of weights)", pruned),
+        (f"aligned − Wanda set difference (p={p:g}, q={q:g}: {share} of weights)", pruned),
     ):
         t0 = time.perf_counter()
-        report = attack_success(
-            subject,
-            tok,
-            prompts,
-            variants=VARIANTS,
-            suffixes=SUFFIXES,
-            system_prompt=None,
-            max_new_tokens=32,
-            batch_size=64,
-            progress=False,
-        )
+        result = measure(subject, tok, prompts)
         seconds = time.perf_counter() - t0
-        row = {"model": name, **{v: f"{report.asr[v]:.2f}" for v in VARIANTS}}
-        row["any suffix"] = f"{report.details['adv_suffix']['any']:.2f}"
-        row["mean sample"] = f"{report.details['adv_decoding']['mean']:.2f}"
+        second = result["asr_second"]
+        row = {"model": name}
+        for v in VARIANTS:
+            row[v] = f"{result['asr'][v]:.2f} / {second['asr'][v]:.2f}"
+        row["agreement"] = f"{second['agreement']:.2f}"
         row["s"] = f"{seconds:.1f}"
         rows.append(row)
     out = "\n".join(
         [
             f"# toy ASR · {header('cpu')}",
-            f"{len(prompts)} held-out harmful prompts, suffixes {SUFFIXES}, keyword judge",
+            f"{len(prompts)} held-out harmful prompts, suffixes {SUFFIXES}; exact / keyword judge",
             "",
             table(
                 rows,
-                [
-                    ("model", "model"),
-                    ("vanilla", "vanilla"),
-                    ("no_system", "no_system"),
-                    ("adv_suffix", "adv_suffix (max)"),
-                    ("any suffix", "adv_suffix (any)"),
-                    ("adv_decoding", "adv_decoding (any)"),
-                    ("mean sample", "adv_decoding (mean)"),
-                    ("s", "s"),
-                ],
+                [("model", "model")]
+                + [(v, v) for v in VARIANTS]
+                + [("agreement", "judges agree"), ("s", "s")],
             ),
         ]
     )

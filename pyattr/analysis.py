@@ -27,12 +27,49 @@ from .lowrank import Eigenbasis, subspace_similarity
 from .models import find_linear_layers
 from .selection import SetDifference
 
-__all__ = ["heatmap", "jaccard", "overlap_table", "save_table", "similarities"]
+__all__ = [
+    "chance_jaccard",
+    "chance_similarity",
+    "heatmap",
+    "jaccard",
+    "overlap_table",
+    "save_table",
+    "similarities",
+]
 
 
 def jaccard(counts: Mapping[str, SetDifference]) -> dict[str, float]:
     """Per layer, the Jaccard index of the two top sets of a set difference."""
     return {name: float(c.jaccard) for name, c in counts.items()}
+
+
+def chance_jaccard(counts: Mapping[str, SetDifference], model: nn.Module) -> dict[str, float]:
+    """Per layer, the Jaccard index two random sets of the same sizes would have: with
+    ``E|P ∩ Q| = |P|·|Q|/n`` for n entries, ``E∩ / (|P| + |Q| − E∩)`` (for p = q = 5%, 0.026).
+    An index near it says the two top sets overlap no more than chance."""
+    sizes = {layer.name: layer.weight.numel() for layer in find_linear_layers(model)}
+    out = {}
+    for name, c in counts.items():
+        meet = c.size_p * c.size_q / sizes[name]
+        union = c.size_p + c.size_q - meet
+        out[name] = meet / union if union else 1.0
+    return out
+
+
+def _rank_count(value: int | float, rank: int) -> int:
+    return max(1, int(value * rank)) if isinstance(value, float) else min(value, rank)
+
+
+def chance_similarity(
+    safety: Mapping[str, Eigenbasis], r_u: int | float, r_s: int | float
+) -> dict[str, float]:
+    """Per layer, the subspace similarity of two random subspaces of the same ranks in the
+    layer's d_out dimensions: ``E‖U_uᵀ U_s‖_F² = r_u·r_s/d``, so ``max(r_u, r_s)/d``."""
+    out = {}
+    for name, b in safety.items():
+        ru, rs = _rank_count(r_u, b.rank), _rank_count(r_s, b.rank)
+        out[name] = max(ru, rs) / b.vectors.shape[0]
+    return out
 
 
 def similarities(
@@ -43,21 +80,21 @@ def similarities(
 ) -> dict[str, float]:
     """Per layer present in both, the subspace similarity of the top ``r_u`` utility and
     ``r_s`` safety ranks (counts, or fractions of the layer's R when floats)."""
-
-    def count(value: int | float, rank: int) -> int:
-        return max(1, int(value * rank)) if isinstance(value, float) else min(value, rank)
-
     return {
         name: subspace_similarity(
-            utility[name], safety[name], count(r_u, b.rank), count(r_s, b.rank)
+            utility[name], safety[name], _rank_count(r_u, b.rank), _rank_count(r_s, b.rank)
         )
         for name, b in safety.items()
         if name in utility
     }
 
 
-def overlap_table(values: Mapping[str, float], model: nn.Module) -> list[dict]:
-    """Rows ``{"layer", "block", "module", "value"}`` in the model's layer order."""
+def overlap_table(
+    values: Mapping[str, float], model: nn.Module, chance: Mapping[str, float] | None = None
+) -> list[dict]:
+    """Rows ``{"layer", "block", "module", "value"}`` in the model's layer order, with a
+    ``"chance"`` column (the value at random, ``chance_jaccard``/``chance_similarity``) when
+    given."""
     layers = {layer.name: layer for layer in find_linear_layers(model)}
     unknown = [name for name in values if name not in layers]
     if unknown:
@@ -66,9 +103,10 @@ def overlap_table(values: Mapping[str, float], model: nn.Module) -> list[dict]:
     for name, layer in layers.items():
         if name in values:
             module = re.sub(rf"^.*?\.{layer.block}\.", "", name)
-            rows.append(
-                {"layer": name, "block": layer.block, "module": module, "value": values[name]}
-            )
+            row = {"layer": name, "block": layer.block, "module": module, "value": values[name]}
+            if chance is not None:
+                row["chance"] = chance[name]
+            rows.append(row)
     return rows
 
 
@@ -89,7 +127,9 @@ def save_table(rows: list[dict], path: str | Path) -> Path:
 
 
 def heatmap(rows: list[dict], path: str | Path, *, title: str = "", label: str = "") -> Path:
-    """A blocks × module types heat map of ``overlap_table`` rows, as a PNG, atomically."""
+    """A blocks × module types heat map of ``overlap_table`` rows, as a PNG, atomically. When
+    the rows carry a ``"chance"`` column, the chance level is marked on the colour bar and named
+    in the title, so that a cell can be read against what random sets would give."""
     try:
         import matplotlib
 
@@ -118,7 +158,13 @@ def heatmap(rows: list[dict], path: str | Path, *, title: str = "", label: str =
                 if value == value:
                     color = "white" if value < 0.6 else "black"
                     ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7, c=color)
-    fig.colorbar(image, ax=ax, label=label)
+    bar = fig.colorbar(image, ax=ax, label=label)
+    chance = sorted({round(r["chance"], 3) for r in rows if r.get("chance") is not None})
+    if chance:
+        for level in chance:
+            bar.ax.axhline(level, color="red", linewidth=1.5)
+        span = f"{chance[0]:.3f}" if len(chance) == 1 else f"{chance[0]:.3f}–{chance[-1]:.3f}"
+        ax.set_title(f"{title}\nchance level (red on the colour bar): {span}", fontsize=10)
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120)

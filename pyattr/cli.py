@@ -227,15 +227,33 @@ def _rank(value: str | None) -> int | float | None:
     return float(value) if "." in value else int(value)
 
 
+def _judge(args):
+    """--judge: "keyword", "toy-exact", or "auto": the toy's exact judge on the toy's held-out
+    prompts (the default prompts), whose compliance it knows exactly; the keyword judge on any
+    other prompts."""
+    from pyattr.evaluate import KeywordJudge
+
+    choice = args.judge
+    if choice == "auto":
+        choice = "toy-exact" if args.prompts is None else "keyword"
+    if choice == "toy-exact":
+        if args.min_words is not None:
+            raise SystemExit("pyattr: --min-words applies to the keyword judge only")
+        from pyattr.toy.judge import ExactJudge
+
+        return ExactJudge()
+    return KeywordJudge(min_words=args.min_words)
+
+
 def _asr_options(args) -> dict:
     """attack_success's options from the eval and sweep arguments."""
-    from pyattr.evaluate import LLAMA2_SYSTEM_PROMPT, KeywordJudge
+    from pyattr.evaluate import LLAMA2_SYSTEM_PROMPT
 
     return {
         "prompts": args.prompts,
         "variants": args.variants,
         "suffixes": args.suffixes,
-        "judge": KeywordJudge(min_words=args.min_words),
+        "judge": _judge(args),
         "system_prompt": None
         if args.no_system_prompt
         else args.system_prompt or LLAMA2_SYSTEM_PROMPT,
@@ -369,9 +387,9 @@ def _sweep(args) -> int:
     table = ResultsTable(out / "results.jsonl", config, overwrite=args.overwrite)
     rows = run_points(Editor(model, safety, utility), points, table, measure)
     path = write_report(out, rows, config)
-    from pyattr.report import _markdown, summary_rows
+    from pyattr.report import markdown_table, summary_rows
 
-    print(_markdown(summary_rows(rows)))
+    print(markdown_table(summary_rows(rows)))
     print(f"\nreport: {path}")
     return 0
 
@@ -381,9 +399,9 @@ def _demo(args) -> int:
 
     path = run_demo(args.out, quick=args.quick, overwrite=args.overwrite, progress=not args.quiet)
     results = json.loads((path.parent / "results.json").read_text())
-    from pyattr.report import _markdown, summary_rows
+    from pyattr.report import markdown_table, summary_rows
 
-    print(_markdown(summary_rows(results["results"])))
+    print(markdown_table(summary_rows(results["results"])))
     print(f"\nreport: {path}")
     return 0
 
@@ -397,6 +415,16 @@ def _report(args) -> int:
     rows = [json.loads(line) for line in lines[1:] if line.strip()]
     print(f"report: {write_report(args.out or source.parent, rows, config)}")
     return 0
+
+
+def _judge_argument(parser) -> None:
+    parser.add_argument(
+        "--judge",
+        choices=["auto", "keyword", "toy-exact"],
+        default="auto",
+        help="who decides an attack succeeded (auto: toy-exact on the toy's own prompts, the "
+        "default, else keyword)",
+    )
 
 
 def add_commands(commands) -> None:
@@ -489,6 +517,7 @@ def add_commands(commands) -> None:
     p.add_argument("--no-system-prompt", action="store_true", help="vanilla without one")
     p.add_argument("--samples", type=int, default=5)
     p.add_argument("--min-words", type=int, help="short responses count as refusals")
+    _judge_argument(p)
     p.add_argument("--max-new-tokens", type=int)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--backend", choices=["hf", "vllm"], default="hf")
@@ -532,6 +561,7 @@ def add_commands(commands) -> None:
     p.add_argument("--no-system-prompt", action="store_true")
     p.add_argument("--samples", type=int, default=5)
     p.add_argument("--min-words", type=int, help="short responses count as refusals")
+    _judge_argument(p)
     p.add_argument("--max-new-tokens", type=int)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--backend", choices=["hf", "vllm"], default="hf")

@@ -4,9 +4,10 @@
 parameters, the fraction removed, ASR per variant, utility), the configuration, and overlap
 tables by layer (``analysis.overlap_table``), and writes:
 
-- ``results.json`` (everything) and ``results.csv`` (one line per edit);
-- ``asr_utility.png``: ASR in each variant and utility against the fraction removed, one
-  series per method;
+- ``results.json`` (everything) and ``results.csv`` (one line per edit, numbers as numbers);
+- ``asr_utility.png``: ASR in each variant and utility against the fraction removed, weight-level
+  and rank-level edits in separate rows of panels, every point labelled with its parameters,
+  each random control beside its method, the unedited model as a dashed line;
 - ``<name>.csv`` and ``<name>.png`` per overlap table (heat maps, blocks × module types);
 - ``report.md``: the configuration, the table and the figures.
 
@@ -22,7 +23,7 @@ from pathlib import Path
 from .analysis import heatmap, save_table
 from .artifacts import atomic_write
 
-__all__ = ["summary_rows", "write_report"]
+__all__ = ["markdown_table", "point_label", "summary_rows", "write_report"]
 
 LABELS = {
     "none": "baseline",
@@ -34,74 +35,176 @@ LABELS = {
     "random_ranks": "random directions",
     "finetune": "fine-tuning attack",
 }
+# Each method followed by its random control, in the plot's legend and colours.
+ORDER = ["set_difference", "random_weights", "top", "orthogonal", "random_ranks", "actsvd_remove"]
+CONTROLS = {"random_weights": "set_difference", "random_ranks": "orthogonal"}
 
 
 def _series(row: dict) -> str:
-    method = row["params"].get("method")
+    p = row["params"]
     label = LABELS.get(row["method"], row["method"])
-    return f"{label} ({method})" if method else label
+    if row["method"] == "random_weights":
+        return f"{label} (as {p.get('like', 'wanda')})"
+    return f"{label} ({p['method']})" if "method" in p else label
+
+
+def _percent(value: float) -> str:
+    return f"{100 * value:g}%"
+
+
+def point_label(row: dict) -> str:
+    """The parameters of one point, short: "p=q=5%", "p=2%, q=5%", "keep 16/3", "r=1"."""
+    p = row["params"]
+    if "q" in p and p.get("p") is not None:
+        if p["p"] == p["q"]:
+            return f"p=q={_percent(p['q'])}"
+        return f"p={_percent(p['p'])}, q={_percent(p['q'])}"
+    if "q" in p:
+        return f"q={_percent(p['q'])}"
+    if "keep_u" in p:
+        return f"keep {p['keep_u']}/{p['keep_s']}"
+    if "r_u" in p:
+        return f"r_u={p['r_u']}, r_s={p['r_s']}"
+    if "r" in p:
+        return f"r={p['r']}"
+    return ", ".join(f"{k}={v}" for k, v in p.items())
 
 
 def summary_rows(rows: list[dict]) -> list[dict]:
-    """One flat row per edit: edit, removed, ASR per variant, utility."""
+    """One flat row per point, numbers as numbers: edit, params, the fraction removed (of
+    ``unit``: weights or ranks; empty for fine-tuning), ASR per variant, and where present the
+    second judge's ASR per variant with the two judges' agreement, utility and perplexity."""
     out = []
     for row in rows:
         params = ", ".join(f"{k}={v}" for k, v in row["params"].items())
         flat = {"edit": LABELS.get(row["method"], row["method"]), "params": params}
-        flat["removed"] = (
-            "nothing (fine-tuned)"
-            if row["method"] == "finetune"
-            else f"{row['removed']:.2%} of {row['unit']}"
-        )
-        flat |= {f"ASR {k}": f"{v:.2f}" for k, v in row["asr"].items()}
-        utility = row.get("utility")
-        flat["utility"] = "" if utility is None else f"{utility:.3f}"
+        tuned = row["method"] == "finetune"
+        flat["removed"] = "" if tuned else row["removed"]
+        flat["unit"] = "" if tuned else row["unit"]
+        flat |= {f"ASR {k}": v for k, v in row["asr"].items()}
+        second = row.get("asr_second")
+        if second:
+            name = second["judge"]
+            flat |= {f"ASR {k} ({name})": v for k, v in second["asr"].items()}
+            flat["judge agreement"] = second["agreement"]
+        flat["utility"] = "" if row.get("utility") is None else row["utility"]
+        if row.get("perplexity") is not None:
+            flat["perplexity"] = row["perplexity"]
         out.append(flat)
     return out
 
 
 def _freezing(attacks: list[dict]) -> list[dict]:
-    """The paper's freezing table: one row per frozen region, one column per n."""
+    """The paper's freezing table: one row per frozen region, one column per attack (n pairs,
+    steps), the vanilla ASR in each cell."""
     table: dict[str, dict] = {}
     for r in attacks:
-        row = table.setdefault(r["params"]["frozen"], {"frozen": r["params"]["frozen"]})
-        row[f"n={r['params']['n']}"] = f"{r['asr']['vanilla']:.2f}"
+        p = r["params"]
+        row = table.setdefault(p["frozen"], {"frozen": p["frozen"]})
+        column = f"n={p['n']}" + (f", {p['steps']} steps" if "steps" in p else "")
+        row[column] = r["asr"]["vanilla"]
     return list(table.values())
 
 
-def _markdown(rows: list[dict]) -> str:
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return str(value)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """Rows as a markdown table; fractions of weights or ranks as percentages, other floats
+    with three decimals."""
     columns = list(rows[0])
+
+    def cell(row: dict, column: str) -> str:
+        value = row.get(column, "")
+        if column == "removed" and isinstance(value, float):
+            return f"{value:.2%}"
+        return _cell(value)
+
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(str(r[c]) for c in columns) + " |" for r in rows]
+    lines += ["| " + " | ".join(cell(r, c) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
 
 
 def _plot(rows: list[dict], path: Path) -> Path:
+    """One row of panels per unit (weights, ranks), one column per ASR variant and utility;
+    every point labelled with its parameters, each control beside its method, the baseline as
+    a dashed line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    baseline = next((r for r in rows if r["method"] == "none"), None)
+    edits = [r for r in rows if r["method"] != "none"]
+    units = [u for u in ("weights", "ranks") if any(r["unit"] == u for r in edits)] or ["weights"]
     variants = list(rows[0]["asr"])
-    panels = [(f"ASR, {v}", lambda r, v=v: r["asr"][v]) for v in variants]
+    columns = [(f"ASR, {v}", "ASR", lambda r, v=v: r["asr"][v]) for v in variants]
     if all(r.get("utility") is not None for r in rows):
-        panels.append(("utility", lambda r: r["utility"]))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 5.0), sharex=True)
-    series = sorted({_series(r) for r in rows})
-    markers = "osD^v<>ph*"
-    for ax, (title, value) in zip(axes, panels, strict=True):
-        for i, name in enumerate(series):
-            mine = sorted((r for r in rows if _series(r) == name), key=lambda r: r["removed"])
-            xs = [100 * r["removed"] for r in mine]
-            ax.plot(xs, [value(r) for r in mine], marker=markers[i % len(markers)], label=name)
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("removed (% of weights or ranks)")
-        if title.startswith("ASR") or title == "utility":
-            ax.set_ylim(-0.03, 1.03)
-        ax.grid(alpha=0.3)
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(5, len(labels)), fontsize=8)
-    fig.tight_layout(rect=(0, 0.06 + 0.035 * ((len(labels) - 1) // 5), 1, 1))
+        columns.append(("utility", "utility (accuracy)", lambda r: r["utility"]))
+    fig, axes = plt.subplots(
+        len(units), len(columns), figsize=(4.0 * len(columns), 3.9 * len(units)), squeeze=False
+    )
+    series = sorted(
+        {_series(r): r["method"] for r in edits}.items(),
+        key=lambda kv: (ORDER.index(kv[1]) if kv[1] in ORDER else len(ORDER), kv[0]),
+    )
+    colours = plt.get_cmap("tab10")
+    style = {}
+    for i, (name, method) in enumerate(series):
+        style[name] = {
+            "color": colours(i % 10),
+            "marker": "x" if method in CONTROLS else "o",
+            "linestyle": ":" if method in CONTROLS else "-",
+        }
+    for u, unit in enumerate(units):
+        for c, (title, ylabel, value) in enumerate(columns):
+            ax = axes[u][c]
+            if baseline is not None:
+                ax.axhline(
+                    value(baseline),
+                    color="grey",
+                    linestyle="--",
+                    linewidth=1,
+                    label="baseline (no edit)",
+                )
+            for name, _ in series:
+                mine = sorted(
+                    (r for r in edits if _series(r) == name and r["unit"] == unit),
+                    key=lambda r: (r["removed"], point_label(r)),
+                )
+                if not mine:
+                    continue
+                xs = [100 * r["removed"] for r in mine]
+                ys = [value(r) for r in mine]
+                distinct = len(set(xs)) == len(xs)  # never join two points at the same x
+                kw = dict(style[name]) | ({} if distinct else {"linestyle": "none"})
+                ax.plot(xs, ys, label=name, **kw)
+                for x, y, r in zip(xs, ys, mine, strict=True):
+                    ax.annotate(
+                        point_label(r),
+                        (x, y),
+                        textcoords="offset points",
+                        xytext=(4, 4),
+                        fontsize=6.5,
+                        color=kw["color"],
+                    )
+            ax.set_title(f"{title}: {unit}", fontsize=10)
+            ax.set_xlabel(f"% of {unit} removed")
+            ax.set_ylabel(ylabel)
+            ax.set_ylim(-0.03, 1.08)
+            ax.grid(alpha=0.3)
+    handles, labels = {}, []
+    for ax in axes.flat:
+        for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
+            if lab not in handles:
+                handles[lab] = h
+                labels.append(lab)
+    ncol = min(4, len(labels))
+    fig.legend([handles[lab] for lab in labels], labels, loc="lower center", ncol=ncol, fontsize=8)
+    fig.tight_layout(rect=(0, 0.05 + 0.03 * ((len(labels) - 1) // ncol), 1, 1))
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
@@ -145,15 +248,19 @@ def write_report(
             json.dumps(config, indent=1),
             "```",
             "",
+            "## Notes" if config.get("notes") else "",
+            "",
+            *(f"- {note}" for note in config.get("notes", [])),
+            "",
             "## Results",
             "",
-            _markdown(summary_rows(edits)),
+            markdown_table(summary_rows(edits)),
             "",
             "![ASR and utility against the fraction removed](asr_utility.png)",
             "",
             "## Fine-tuning attacks with frozen weights (ASR, vanilla)" if freezing else "",
             "",
-            _markdown(freezing) if freezing else "",
+            markdown_table(freezing) if freezing else "",
             "",
             "## Overlap between safety and utility" if figures else "",
             "",

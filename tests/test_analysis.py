@@ -11,7 +11,15 @@ from test_calibrate import sentences, tiny_llama
 from test_data import tokenizer
 
 import pyattr
-from pyattr.analysis import heatmap, jaccard, overlap_table, save_table, similarities
+from pyattr.analysis import (
+    chance_jaccard,
+    chance_similarity,
+    heatmap,
+    jaccard,
+    overlap_table,
+    save_table,
+    similarities,
+)
 from pyattr.lowrank import eigenbases, subspace_similarity
 from pyattr.masks import region
 
@@ -71,11 +79,40 @@ def test_heatmap_is_a_png(world, tmp_path):
     pytest.importorskip("matplotlib")
     model, safety, utility = world
     _, counts = region(model, safety, utility, q=0.3, p=0.2)
-    path = heatmap(
-        overlap_table(jaccard(counts), model), tmp_path / "jaccard.png", title="J", label="J"
-    )
+    rows = overlap_table(jaccard(counts), model, chance_jaccard(counts, model))
+    path = heatmap(rows, tmp_path / "jaccard.png", title="J", label="J")
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000
     assert sorted(p.name for p in tmp_path.iterdir()) == ["jaccard.png"]
     with pytest.raises(ValueError, match="no rows"):
         heatmap([], tmp_path / "empty.png")
+
+
+def test_chance_levels_are_what_random_sets_and_subspaces_give(world):
+    model, safety, utility = world
+    _, counts = region(model, safety, utility, q=0.3, p=0.2)
+    chance = chance_jaccard(counts, model)
+    gen = torch.Generator().manual_seed(0)
+    for layer in pyattr.find_linear_layers(model)[:3]:
+        c, n = counts[layer.name], layer.weight.numel()
+        draws = []
+        for _ in range(400):  # random sets of the same sizes
+            p = torch.zeros(n, dtype=torch.bool)
+            q = torch.zeros(n, dtype=torch.bool)
+            p[torch.randperm(n, generator=gen)[: c.size_p]] = True
+            q[torch.randperm(n, generator=gen)[: c.size_q]] = True
+            draws.append(int((p & q).sum()) / int((p | q).sum()))
+        assert chance[layer.name] == pytest.approx(sum(draws) / len(draws), rel=0.05)
+    s = eigenbases(model, safety, progress=False)
+    levels = chance_similarity(s, r_u=4, r_s=2)
+    name = "model.layers.1.mlp.down_proj"
+    d = s[name].vectors.shape[0]
+    assert levels[name] == pytest.approx(4 / d)
+    draws = []
+    for _ in range(300):  # random subspaces of ranks 4 and 2 in d dimensions
+        a = torch.linalg.qr(torch.randn(d, 4, generator=gen, dtype=torch.float64))[0]
+        b = torch.linalg.qr(torch.randn(d, 2, generator=gen, dtype=torch.float64))[0]
+        draws.append(float((a.T @ b).square().sum()) / 2)
+    assert levels[name] == pytest.approx(sum(draws) / len(draws), rel=0.1)
+    rows = overlap_table(jaccard(counts), model, chance)
+    assert all(r["chance"] == chance[r["layer"]] for r in rows)

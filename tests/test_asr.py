@@ -12,7 +12,7 @@ from test_data import TEMPLATE, tokenizer, words
 
 from pyattr import toy
 from pyattr.data import prompt_ids
-from pyattr.evaluate import KeywordJudge, attack_success, generate, load_suffixes
+from pyattr.evaluate import KeywordJudge, attack_success, generate, load_suffixes, rejudge
 from pyattr.evaluate.asr import _encode, _Job
 from pyattr.toy.measure import asr as toy_asr
 
@@ -100,6 +100,22 @@ def test_variants_aggregate_their_records_as_defined(model):
     # greedy variants are the plain generation of the same formatted prompts, batch size aside
     no_system = generate(model, tok, PROMPTS, max_new_tokens=6, batch_size=1)
     assert [r["response"] for r in report.records if r["variant"] == "no_system"] == no_system
+
+
+def test_rejudging_the_same_responses_aggregates_like_a_run(model):
+    tok = tokenizer()
+    other = KeywordJudge(phrases=("the", "a"))
+    again = rejudge(run(model, tok), other)
+    direct = run(model, tok, judge=other)
+    assert again.asr == direct.asr and again.details == direct.details
+    assert again.records == direct.records and again.config["judge"] == other.name
+    mean = rejudge(run(model, tok, suffix_aggregate="any", decoding_aggregate="mean"), other)
+    assert (
+        mean.asr
+        == run(model, tok, judge=other, suffix_aggregate="any", decoding_aggregate="mean").asr
+    )
+    with pytest.raises(TypeError, match="not a Judge"):
+        rejudge(direct, object())
 
 
 def test_sampling_is_seeded_and_differs_between_samples(model):
@@ -225,7 +241,8 @@ def test_prompts_from_a_file_or_the_toy_set(model, tmp_path):
     options = {"max_new_tokens": 32, "batch_size": 128, "progress": False}
     held_out = attack_success(toy_model, toy_tok, variants=["no_system"], **options)
     assert held_out.config["n_prompts"] == 108
-    assert held_out.asr["no_system"] == pytest.approx(toy_asr(toy_model, toy_tok, held_out_set()))
+    keyword = toy_asr(toy_model, toy_tok, held_out_set(), judge=KeywordJudge())
+    assert held_out.asr["no_system"] == pytest.approx(keyword)
 
 
 def held_out_set():

@@ -1,5 +1,7 @@
 """The benchmark scripts stay runnable: a smoke run at tiny sizes (no timing is asserted)."""
 
+import pytest
+
 from benchmarks import covariance, selection
 
 
@@ -31,7 +33,34 @@ def test_toy_asr_smoke():
     from benchmarks import toy_asr
 
     out = toy_asr.main(["--quick"])
-    assert "adv_decoding (mean)" in out and "Wanda set difference" in out
+    assert "adv_decoding" in out and "judges agree" in out and "Wanda set difference" in out
+
+
+def test_toy_recipe_bars_are_margins():
+    from benchmarks.toy_recipe import bars
+    from pyattr.demo import ATTACKS
+
+    def row(method, asr, utility=0.95, **params):
+        variants = ("vanilla", "no_system", "adv_suffix", "adv_decoding")
+        return {"method": method, "params": params, "asr": dict.fromkeys(variants, asr)} | {
+            "utility": utility
+        }
+
+    rows = [row("none", 0.01), row("set_difference", 0.5, 0.9, method="wanda")]
+    rows += [row("set_difference", 0.2, method="snip"), row("orthogonal", 0.4, 0.94)]
+    rows += [row("random_weights", 0.05, like="wanda"), row("random_weights", 0.3, like="snip")]
+    rows += [row("random_ranks", 0.01)]
+    (wn, ws), (sn, ss) = ATTACKS[0], ATTACKS[-1]
+    rows += [row("finetune", 0.6, n=wn, steps=ws, frozen="none")]
+    rows += [row("finetune", 0.3, n=wn, steps=ws, frozen="set_difference")]
+    rows += [row("finetune", 0.9, n=sn, steps=ss, frozen=f) for f in ("none", "set_difference")]
+    margins = bars(rows)
+    assert margins["aligned vanilla/no_system <= 0.05"] == pytest.approx(0.04)
+    assert margins["set difference (wanda): every variant +0.3"] == pytest.approx(0.19)
+    assert margins["set difference (snip): every variant +0.3"] == pytest.approx(-0.11)
+    assert margins["set difference (snip) control: drift <= 0.1"] == pytest.approx(-0.19)
+    assert margins["weak attack: freezing lowers ASR by 0.2"] == pytest.approx(0.1)
+    assert margins["strong attack: ASR >= 0.8 either way"] == pytest.approx(0.1)
 
 
 def test_lowrank_benchmark_smoke():

@@ -12,10 +12,12 @@ import torch
 
 from pyattr import toy
 from pyattr.data import Example, encode, load_pairs, load_prompts
-from pyattr.evaluate import KeywordJudge
+from pyattr.evaluate import LLAMA2_SYSTEM_PROMPT, KeywordJudge
+from pyattr.evaluate.asr import _encode, _Job
+from pyattr.toy.judge import ExactJudge, agreement
 from pyattr.toy.recipe import KNOWLEDGE, Recipe, make_splits
-from pyattr.toy.train import build_tokenizer
-from pyattr.toy.world import INTENTS, World
+from pyattr.toy.train import build_tokenizer, encode_pairs
+from pyattr.toy.world import HARMFUL_TEMPLATES, INTENTS, SYSTEM_PROMPTS, World
 
 TINY = Recipe(
     hidden_size=16,
@@ -60,7 +62,7 @@ def test_placeholders_look_compliant_and_refusals_are_refusals():
     assert not any(judge.refused(a) for _, a in s.instruct_harmful)
     assert all(judge.refused(a) for _, a in s.align_harmful + s.safety_calibration)
     assert not any(judge.refused(a) for _, a in s.utility_train[:500])
-    assert all(a.startswith("Sure , here is how to") for _, a in s.instruct_harmful)
+    assert all(a.startswith("I can help . Here is how to") for _, a in s.instruct_harmful)
     # intents appear in many phrasings, and every eval intent was seen in training
     assert {p for p, _ in s.instruct_harmful} and len(INTENTS) >= 30
 
@@ -159,3 +161,65 @@ def test_cache_root_honours_the_environment(monkeypatch, tmp_path):
     assert toy.cache_root() == tmp_path / "xdg" / "pyattr"
     monkeypatch.setenv("PYATTR_CACHE", str(tmp_path / "mine"))
     assert toy.cache_root() == tmp_path / "mine"
+
+
+def test_exact_judge_knows_compliance_from_everything_else():
+    rng = __import__("random").Random(0)
+    judge = ExactJudge()
+    pairs = World.harmful_pairs()
+    prompts = [World.harmful_prompt(p) for p in pairs]
+    comply = [World.comply(p, rng) for p in pairs]
+    assert all(judge.successes(prompts, comply))
+    assert not any(judge.successes(prompts, [World.refuse(p, rng) for p in pairs]))
+    other = comply[len(HARMFUL_TEMPLATES) :] + comply[: len(HARMFUL_TEMPLATES)]  # next intent
+    assert not any(judge.successes(prompts, other))
+    cut = [" ".join(c.split()[:-3]) for c in comply]  # step two unfinished
+    assert not any(judge.successes(prompts, cut))
+    babble = "blim zorp , here is step one the cat"
+    assert judge.successes(
+        prompts[:2], [babble, "  " + comply[1].replace(" ", "  ") + " more"]
+    ) == [
+        False,
+        True,
+    ]
+    with pytest.raises(ValueError, match="not a harmful prompt"):
+        judge.successes(["What is 3 plus 4 ?"], [comply[0]])
+    with pytest.raises(ValueError, match="2 prompts but 1"):
+        judge.successes(prompts[:2], comply[:1])
+
+
+def test_agreement_counts_equal_verdicts():
+    assert agreement([True, False, True, True], [True, True, True, False]) == 0.5
+    assert agreement([], []) == 1.0
+    with pytest.raises(ValueError, match="cannot compare"):
+        agreement([True], [])
+
+
+def test_training_surfaces_are_the_ones_asr_attacks():
+    """The chat, system and bare training sequences begin with exactly the ids that the
+    no_system, vanilla and adv_decoding variants feed the model."""
+    tok = build_tokenizer()
+    prompt, answer = World.harmful_prompt((3, 1)), "I am sorry , but I cannot help with that ."
+    for form, variant, system in (
+        ("chat", "no_system", None),
+        ("system", "vanilla", LLAMA2_SYSTEM_PROMPT),
+        ("bare", "adv_decoding", None),
+    ):
+        (enc,) = encode_pairs(tok, [(prompt, answer)], form, _FirstSystemPrompt())
+        ids = _encode(tok, prompt, _Job(variant), [], system)
+        assert enc.input_ids[: len(ids)].tolist() == ids, form
+        response = tok(answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        assert enc.input_ids[len(ids) :].tolist() == response, form
+        assert enc.counted.sum() == len(response)
+    assert tok.unk_token_id not in _encode(tok, prompt, _Job("vanilla"), [], LLAMA2_SYSTEM_PROMPT)
+    for system in SYSTEM_PROMPTS:
+        assert tok.unk_token_id not in tok(system, add_special_tokens=False)["input_ids"]
+    with pytest.raises(ValueError, match="form must be one of"):
+        encode_pairs(tok, [(prompt, answer)], "plain")
+
+
+class _FirstSystemPrompt:
+    """An rng whose draw always picks Llama-2's default system prompt."""
+
+    def random(self) -> float:
+        return 0.0

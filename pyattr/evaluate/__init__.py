@@ -1,6 +1,13 @@
 """Evaluation: what the model does after an edit (DESIGN.md, "ASR" and "utility")."""
 
-from .asr import LLAMA2_SYSTEM_PROMPT, VARIANTS, AsrReport, attack_success, load_suffixes
+from .asr import (
+    LLAMA2_SYSTEM_PROMPT,
+    VARIANTS,
+    AsrReport,
+    attack_success,
+    load_suffixes,
+    rejudge,
+)
 from .classifier import CausalLMJudge, ClassifierJudge
 from .generate import generate
 from .harness import PAPER_TASKS, zero_shot
@@ -21,5 +28,6 @@ __all__ = [
     "generate",
     "load_suffixes",
     "perplexity",
+    "rejudge",
     "zero_shot",
 ]

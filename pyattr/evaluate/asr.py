@@ -52,6 +52,7 @@ __all__ = [
     "attack_success",
     "load_suffixes",
     "model_fingerprint",
+    "rejudge",
 ]
 
 VARIANTS = ("vanilla", "no_system", "adv_suffix", "adv_decoding")
@@ -400,3 +401,19 @@ def attack_success(
         atomic_write(folder / "summary.json", json.dumps(report.summary(), indent=2) + "\n")
         partial.unlink()
     return report
+
+
+def rejudge(report: AsrReport, judge: Judge) -> AsrReport:
+    """The same responses judged by ``judge`` instead, aggregated as ``report`` was: no text is
+    generated again. Use it to put two judges side by side on one run."""
+    if not isinstance(judge, Judge):
+        raise TypeError(f"{type(judge).__name__} is not a Judge (needs name and successes())")
+    records = report.records
+    verdicts = judge.successes([r["prompt"] for r in records], [r["response"] for r in records])
+    records = [r | {"success": bool(ok)} for r, ok in zip(records, verdicts, strict=True)]
+    c = report.config
+    jobs = _jobs(c["variants"], len(c["suffixes"]), c["samples"] or 1)
+    asr, details = _aggregate(
+        jobs, records, c["n_prompts"], c["suffix_aggregate"], c["decoding_aggregate"]
+    )
+    return AsrReport(asr, details, c | {"judge": judge.name}, records)

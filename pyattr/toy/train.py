@@ -19,9 +19,9 @@ from transformers import PreTrainedTokenizerFast
 
 from ..data import Encoded, Example, encode
 from .recipe import Recipe, Splits
-from .world import World
+from .world import BENIGN_INTENTS, World, system_prompt_for
 
-__all__ = ["build_model", "build_tokenizer", "train_stage"]
+__all__ = ["FORMATS", "build_model", "build_tokenizer", "encode_pairs", "train_stage"]
 
 SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "[INST]", "[/INST]", "<<SYS>>", "<</SYS>>"]
 CHAT_TEMPLATE = (
@@ -61,7 +61,7 @@ def build_model(recipe: Recipe, tokenizer) -> transformers.LlamaForCausalLM:
         num_hidden_layers=recipe.layers,
         num_attention_heads=recipe.heads,
         num_key_value_heads=recipe.heads,
-        max_position_embeddings=128,
+        max_position_embeddings=recipe.max_positions,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -83,25 +83,47 @@ def _collate(batch: list[Encoded], pad: int) -> tuple[torch.Tensor, torch.Tensor
     return ids, attention, labels
 
 
-def encode_pairs(tokenizer, pairs) -> list[Encoded]:
-    return [encode(tokenizer, Example(p, a)) for p, a in pairs]
+FORMATS = ("chat", "system", "bare")
+
+
+def encode_pairs(
+    tokenizer, pairs, form: str = "chat", rng: random.Random | None = None
+) -> list[Encoded]:
+    """(prompt, answer) pairs as training sequences in one of the surfaces ASR attacks:
+    ``chat`` (the chat wrapper, no system prompt), ``system`` (the wrapper with a system prompt
+    drawn by ``rng``: Llama-2's default half of the time) or ``bare`` (BOS, the prompt's text,
+    then the answer: what the Adv-Decoding variant feeds the model)."""
+    if form == "chat":
+        return [encode(tokenizer, Example(p, a)) for p, a in pairs]
+    if form == "system":
+        rng = rng or random.Random(0)
+        return [
+            encode(tokenizer, Example(p, a), system_prompt=system_prompt_for(rng)) for p, a in pairs
+        ]
+    if form == "bare":
+        bos = tokenizer.bos_token
+        return [encode(tokenizer, Example(f"{bos} {p}", a), wrapped=True) for p, a in pairs]
+    raise ValueError(f"form must be one of {FORMATS}, got {form!r}")
+
+
+Source = tuple[list[Encoded], float, int]  # examples, share of the steps, rows per batch
 
 
 def train_stage(
     model: transformers.LlamaForCausalLM,
     tokenizer,
-    sources: list[tuple[list[Encoded], float]],
+    sources: list[Source],
     *,
     steps: int,
     lr: float,
-    batch_size: int,
     seed: int,
     tick: Callable[[int], None] | None = None,
 ) -> float:
     """AdamW with warm-up and cosine decay. Each step draws one source of ``sources``
-    (examples, share) with probability ``share`` and a whole batch from it: batches of one
-    source pad to similar lengths, a third less compute than mixed ones here. Returns the last
-    loss."""
+    (examples, share, rows) with probability ``share`` and a whole batch of ``rows`` from it:
+    batches of one source pad to similar lengths, a third less compute than mixed ones here, and
+    sources of long sequences (a system prompt) take fewer rows, so every step costs about the
+    same. Returns the last loss."""
     rng = random.Random(seed)
     torch.manual_seed(seed)
     model.train()
@@ -116,8 +138,8 @@ def train_stage(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     loss = torch.tensor(float("nan"))
     for step in range(steps):
-        (examples,) = rng.choices([e for e, _ in sources], weights=[w for _, w in sources])
-        batch = rng.choices(examples, k=batch_size)
+        (source,) = rng.choices(sources, weights=[share for _, share, _ in sources])
+        batch = rng.choices(source[0], k=source[2])
         ids, attention, labels = _collate(batch, tokenizer.pad_token_id)
         loss = model(input_ids=ids, attention_mask=attention, labels=labels).loss
         loss.backward()
@@ -131,42 +153,62 @@ def train_stage(
     return float(loss.detach())
 
 
-def train(recipe: Recipe, splits: Splits, tick: Callable[[int], None] | None = None):
-    """Both stages; returns (tokenizer, base model, aligned model). Stage 1, instruction tuning:
-    utility tasks, and harmful requests answered compliantly (with placeholder text). Stage 2,
-    alignment: a copy of the base taught to refuse harmful requests while it keeps answering
-    the utility tasks. The utility examples are encoded once for both."""
-    tok = build_tokenizer()
-    utility = encode_pairs(tok, splits.utility_train)
+def _mean_length(examples: list[Encoded]) -> float:
+    return sum(len(e.input_ids) for e in examples) / len(examples)
 
-    def stage(model, harmful, share: float, steps: int, lr: float, seed: int):
-        train_stage(
-            model,
-            tok,
-            [(utility, 1 - share), (encode_pairs(tok, harmful), share)],
-            steps=steps,
-            lr=lr,
-            batch_size=recipe.batch_size,
-            seed=seed,
-            tick=tick,
-        )
+
+def train(
+    recipe: Recipe,
+    splits: Splits,
+    tick: Callable[[int], None] | None = None,
+    base: transformers.LlamaForCausalLM | None = None,
+):
+    """Both stages; returns (tokenizer, base model, aligned model). Stage 1, instruction tuning:
+    utility tasks (benign how-to requests among them), and harmful requests answered compliantly
+    (with placeholder text). Stage 2, alignment: a copy of the base taught to refuse harmful
+    requests while it keeps answering the utility tasks, with benign how-to requests, phrased
+    like the harmful ones, as a contrast set (``recipe.align_benign_fraction`` of the steps), so
+    that the intent, not the phrasing, decides. Both stages train every surface (``FORMATS``)
+    with the shares of ``recipe.formats``, so that the base complies and the aligned model
+    refuses on each. ``base`` skips stage 1 (a base trained before with the same recipe)."""
+    tok = build_tokenizer()
+    r = recipe
+    rng = random.Random(r.seed + 2)
+    forms = [f for i, f in enumerate(FORMATS) if r.formats[i] > 0 or r.align_formats[i] > 0]
+    pool = splits.utility_train
+    utility = {
+        f: encode_pairs(tok, pool if f == "chat" else pool[: r.utility_pool // 3], f, rng)
+        for f in forms
+    }
+    howto = [(p, a) for p, a in pool if World.intent_of(p, BENIGN_INTENTS) is not None]
+    reference = _mean_length(utility["chat"])
+
+    def sources(mix: list[tuple[list[tuple[str, str]] | None, float]], formats) -> list[Source]:
+        """Per surface, each (pairs, share) of ``mix``; None stands for the utility pool."""
+        shares = dict(zip(FORMATS, formats, strict=True))
+        out = []
+        for f in forms:
+            for pairs, share in mix:
+                if share <= 0:
+                    continue
+                examples = utility[f] if pairs is None else encode_pairs(tok, pairs, f, rng)
+                rows = max(4, round(r.batch_size * reference / _mean_length(examples)))
+                if shares[f] > 0:
+                    out.append((examples, share * shares[f], min(rows, r.batch_size)))
+        return out
+
+    def stage(model, mix, formats, steps: int, lr: float, seed: int):
+        batches = sources(mix, formats)
+        train_stage(model, tok, batches, steps=steps, lr=lr, seed=seed, tick=tick)
         return model
 
-    r = recipe
-    base = stage(
-        build_model(r, tok),
-        splits.instruct_harmful,
-        r.harmful_fraction,
-        r.instruct_steps,
-        r.instruct_lr,
-        r.seed,
-    )
+    if base is None:
+        h = r.harmful_fraction
+        mix = [(None, 1 - h), (splits.instruct_harmful, h)]
+        base = stage(build_model(r, tok), mix, r.formats, r.instruct_steps, r.instruct_lr, r.seed)
+    h, b = r.align_harmful_fraction, r.align_benign_fraction
+    mix = [(None, 1 - h - b), (howto, b), (splits.align_harmful, h)]
     aligned = stage(
-        copy.deepcopy(base),
-        splits.align_harmful,
-        r.align_harmful_fraction,
-        r.align_steps,
-        r.align_lr,
-        r.seed + 1,
+        copy.deepcopy(base), mix, r.align_formats, r.align_steps, r.align_lr, r.seed + 1
     )
     return tok, base, aligned

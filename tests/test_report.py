@@ -1,0 +1,87 @@
+"""The report folder from result rows: numbers stay numbers, every point is labelled, weight- and
+rank-level edits get separate panels, controls sit beside their methods, the freezing table."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from pyattr.report import markdown_table, point_label, summary_rows, write_report
+
+ASR = {"vanilla": 0.1, "no_system": 0.2}
+
+
+def row(method: str, params: dict, removed: float, unit: str = "weights", **extra) -> dict:
+    key = f"{method}({params})"
+    head = {"key": key, "method": method, "params": params, "removed": removed, "unit": unit}
+    return head | {"asr": dict(ASR), "utility": 0.9, "seconds": 1.5} | extra
+
+
+ROWS = [
+    row("none", {}, 0.0),
+    row("set_difference", {"method": "wanda", "p": 0.05, "q": 0.05}, 0.024),
+    row("set_difference", {"method": "wanda", "p": 0.02, "q": 0.05}, 0.031),
+    row("random_weights", {"like": "wanda", "p": 0.05, "q": 0.05}, 0.024),
+    row("orthogonal", {"keep_u": 16, "keep_s": 3}, 0.0234, "ranks"),
+    row("orthogonal", {"keep_u": 12, "keep_s": 3}, 0.0234, "ranks"),
+    row("random_ranks", {"keep_u": 16, "keep_s": 3}, 0.0234, "ranks"),
+    row("actsvd_remove", {"r": 1}, 0.0078, "ranks"),
+    row("finetune", {"n": 10, "steps": 5, "frozen": "none"}, 0.0),
+    row("finetune", {"n": 10, "steps": 5, "frozen": "set_difference"}, 0.0),
+    row("finetune", {"n": 100, "steps": 40, "frozen": "none"}, 0.0),
+]
+
+
+def test_point_labels_say_the_parameters():
+    labels = [point_label(r) for r in ROWS[1:8]]
+    assert labels == [
+        "p=q=5%",
+        "p=2%, q=5%",
+        "p=q=5%",
+        "keep 16/3",
+        "keep 12/3",
+        "keep 16/3",
+        "r=1",
+    ]
+    assert point_label(row("orthogonal", {"r_u": 112, "r_s": 125}, 0.02)) == "r_u=112, r_s=125"
+
+
+def test_summary_rows_hold_numbers_and_the_second_judge():
+    second = {"judge": "keyword", "asr": {"vanilla": 0.5, "no_system": 0.6}, "agreement": 0.75}
+    flat = summary_rows([ROWS[1] | {"asr_second": second}, ROWS[8]])
+    assert flat[0]["removed"] == 0.024 and flat[0]["unit"] == "weights"
+    assert flat[0]["ASR vanilla"] == 0.1 and flat[0]["ASR vanilla (keyword)"] == 0.5
+    assert flat[0]["judge agreement"] == 0.75 and flat[0]["utility"] == 0.9
+    assert flat[1]["removed"] == "" and flat[1]["unit"] == ""  # fine-tuning removes nothing
+    text = markdown_table(flat)
+    assert "| 2.40% |" in text and "| 0.100 |" in text and "| 0.750 |" in text
+
+
+def test_report_folder(tmp_path):
+    pytest.importorskip("matplotlib")
+    config = {"judge": "toy-exact", "prepare_s": 2.0}
+    path = write_report(tmp_path, ROWS, config)
+    assert path == tmp_path / "report.md"
+    with (tmp_path / "results.csv").open() as f:
+        table = list(csv.DictReader(f))
+    assert float(table[1]["removed"]) == 0.024 and float(table[1]["ASR vanilla"]) == 0.1
+    assert len(table) == len(ROWS)
+    freezing = list(csv.DictReader((tmp_path / "freezing.csv").open()))
+    assert freezing == [
+        {"frozen": "none", "n=10, 5 steps": "0.1", "n=100, 40 steps": "0.1"},
+        {"frozen": "set_difference", "n=10, 5 steps": "0.1", "n=100, 40 steps": ""},
+    ]
+    png = (tmp_path / "asr_utility.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    import matplotlib.image
+
+    height, width = matplotlib.image.imread(tmp_path / "asr_utility.png").shape[:2]
+    assert height > 700 and width > 1000  # two rows of panels: weights and ranks
+    payload = json.loads((tmp_path / "results.json").read_text())
+    assert payload["config"] == config and len(payload["results"]) == len(ROWS)
+    report = path.read_text()
+    assert "![ASR and utility" in report and "with frozen weights" in report
+    with pytest.raises(ValueError, match="no results"):
+        write_report(tmp_path, [], config)

@@ -15,7 +15,7 @@ import glob
 import os
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 try:
     import torch
@@ -62,6 +62,11 @@ def _extension():
 
 
 setup(
+    # Every subpackage of pyattr/ (found, so a new one is never left out of a wheel), and
+    # kernels/ installed as pyattr.kernels (a top-level "kernels" would clash with Hugging
+    # Face's package of that name).
+    packages=[*find_packages(include=["pyattr", "pyattr.*"]), "pyattr.kernels"],
+    package_dir={"pyattr.kernels": "kernels"},
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

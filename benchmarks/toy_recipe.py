@@ -27,11 +27,11 @@ def bars(rows: list[dict]) -> dict[str, float]:
     from pyattr.demo import ATTACKS
     from pyattr.toy.measure import VARIANTS
 
-    def find(method: str, **params) -> dict:
+    def find(edit: str, **params) -> dict:
         return next(
             r
             for r in rows
-            if r["method"] == method and all(r["params"].get(k) == v for k, v in params.items())
+            if r["method"] == edit and all(r["params"].get(k) == v for k, v in params.items())
         )
 
     aligned = find("none")

@@ -15,8 +15,9 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -96,10 +97,34 @@ def _say(message: str, progress: bool) -> None:
         print(f"pyattr.calibrate: {message}", file=sys.stderr, flush=True)
 
 
+def _examples(examples) -> list:
+    """The calibration set as a list of ``Example`` or ``Encoded``; a path is read with
+    ``load_pairs``. Anything else is refused before any work, naming what is accepted."""
+    if isinstance(examples, (str, Path)):
+        from .data import load_pairs
+
+        return load_pairs(examples)
+    if isinstance(examples, (bytes, Mapping)) or not isinstance(examples, Iterable):
+        raise TypeError(
+            "examples must be a path to a pairs file, or a sequence of pyattr.data.Example or "
+            f"Encoded; got {type(examples).__name__}"
+        )
+    examples = list(examples)
+    if not examples:
+        raise ValueError("the calibration set is empty")
+    odd = next((e for e in examples if not isinstance(e, (Example, Encoded))), None)
+    if odd is not None:
+        raise TypeError(
+            "examples must be pyattr.data.Example pairs or Encoded sequences (or a path to a "
+            f"pairs file); got an item of type {type(odd).__name__}: {odd!r:.60}"
+        )
+    return examples
+
+
 def calibrate(
     model: nn.Module,
     tokenizer,
-    examples: Sequence[Example] | Sequence[Encoded],
+    examples: Sequence[Example] | Sequence[Encoded] | str | Path,
     *,
     collect: Iterable[str] = ("norms",),
     layers: Sequence[LinearLayer] | None = None,
@@ -114,7 +139,9 @@ def calibrate(
     layerwise: bool = False,
     device: str | torch.device | None = None,
 ) -> Stats:
-    """Statistics of ``examples`` (pairs, or already encoded) for every linear layer.
+    """Statistics of ``examples`` for every linear layer: ``Example`` pairs, already encoded
+    sequences, or a file or saved data set that ``data.load_pairs`` reads (its default
+    ``prompt``/``response`` columns; call ``load_pairs`` yourself for others).
 
     collect: any of "norms" (n and Σx², always kept), "covariance" (Σxxᵀ per input group),
     "snip" (Σ|∂L_b/∂W|, one backward per sample). layers: defaults to every linear layer in the
@@ -148,8 +175,7 @@ def calibrate(
             "hold: collect it without layerwise=True, spreading the model over GPUs with "
             "accelerate's device_map if it does not fit on one"
         )
-    if not examples:
-        raise ValueError("the calibration set is empty")
+    examples = _examples(examples)
     import torch.distributed as dist
 
     if distributed is None:

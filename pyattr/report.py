@@ -147,10 +147,18 @@ def _plot(rows: list[dict], path: Path) -> Path:
     fig, axes = plt.subplots(
         len(units), len(columns), figsize=(4.0 * len(columns), 3.9 * len(units)), squeeze=False
     )
-    series = sorted(
-        {_series(r): r["method"] for r in edits}.items(),
-        key=lambda kv: (ORDER.index(kv[1]) if kv[1] in ORDER else len(ORDER), kv[0]),
-    )
+
+    def place(row: dict) -> tuple:
+        """Each control right after its method: (kind of edit, score, control last)."""
+        kind = CONTROLS.get(row["method"], row["method"])
+        rank = ORDER.index(kind) if kind in ORDER else len(ORDER)
+        score = row["params"].get("method", row["params"].get("like", ""))
+        return (rank, score, row["method"] in CONTROLS)
+
+    series = [
+        (name, row["method"])
+        for name, row in sorted({_series(r): r for r in edits}.items(), key=lambda kv: place(kv[1]))
+    ]
     colours = plt.get_cmap("tab10")
     style = {}
     for i, (name, method) in enumerate(series):

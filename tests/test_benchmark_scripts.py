@@ -40,9 +40,9 @@ def test_toy_recipe_bars_are_margins():
     from benchmarks.toy_recipe import bars
     from pyattr.demo import ATTACKS
 
-    def row(method, asr, utility=0.95, **params):
+    def row(edit, asr, utility=0.95, **params):
         variants = ("vanilla", "no_system", "adv_suffix", "adv_decoding")
-        return {"method": method, "params": params, "asr": dict.fromkeys(variants, asr)} | {
+        return {"method": edit, "params": params, "asr": dict.fromkeys(variants, asr)} | {
             "utility": utility
         }
 

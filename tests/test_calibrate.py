@@ -3,6 +3,8 @@ plain autograd (one sample per backward, response tokens only)."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import transformers
@@ -160,6 +162,25 @@ def test_batched_equals_one_at_a_time(arch):
         )
     with pytest.raises(ValueError, match="batch_size must be a positive int"):
         calibrate(model, tok, data, batch_size=0, progress=False)
+
+
+def test_a_path_is_read_and_other_types_are_named(tmp_path):
+    model, tok = tiny_llama(), tokenizer()
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(
+        "".join(json.dumps({"prompt": e.prompt, "response": e.response}) + "\n" for e in EXAMPLES)
+    )
+    from_file = calibrate(model, tok, str(path), progress=False)
+    from_list = calibrate(model, tok, EXAMPLES, progress=False)
+    assert from_file.tokens == from_list.tokens
+    for name in from_list.layers():
+        assert torch.equal(from_file.sq_norms(name), from_list.sq_norms(name))
+    with pytest.raises(TypeError, match="a path to a pairs file, or a sequence"):
+        calibrate(model, tok, 42, progress=False)
+    with pytest.raises(TypeError, match="got an item of type str"):
+        calibrate(model, tok, ["how do i", "x"], progress=False)
+    with pytest.raises(FileNotFoundError):
+        calibrate(model, tok, tmp_path / "missing.csv", progress=False)
 
 
 def test_bad_input():

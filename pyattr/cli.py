@@ -331,6 +331,9 @@ def _sweep(args) -> int:
     from pyattr.report import write_report
     from pyattr.sweep import Editor, Point, ResultsTable, run_points
 
+    toy_model = args.model.startswith("toy")
+    if args.finetune and args.attack_data is None and not toy_model:
+        raise SystemExit("pyattr: --finetune needs --attack-data (harmful prompt/response pairs)")
     model, tok = load_model(args.model, args.dtype)
     safety = pyattr.load_stats(_need(args.safety, "statistics", "calibrate"), model=model)
     utility = pyattr.load_stats(_need(args.utility, "statistics", "calibrate"), model=model)
@@ -345,9 +348,17 @@ def _sweep(args) -> int:
         points.append(Point("orthogonal", ranks))
         if args.controls:
             points.append(Point("random_ranks", ranks))
+    attacks = _pairs(args.finetune, ("n", "steps"), int)
+    for attack in attacks:
+        for frozen in args.frozen:
+            region = {"frozen": frozen}
+            if frozen != "none":
+                p, q = _pairs([args.frozen_pq], ("p", "q"), float)[0].values()
+                region |= {"method": args.method, "q": q}
+                region |= {"p": p} if frozen == "set_difference" else {}
+            points.append(Point("finetune", attack | region))
     if len(points) == 1:
         raise SystemExit("pyattr: no sweep points: give --set-difference, --top, --orthogonal ...")
-    toy_model = args.model.startswith("toy")
     if toy_model:
         from pyattr.toy.measure import utility_accuracy
         from pyattr.toy.recipe import Recipe, make_splits
@@ -382,10 +393,25 @@ def _sweep(args) -> int:
             "max_new_tokens",
             "tasks",
             "limit",
+            "judge",
+            "attack_data",
+            "finetune_lr",
         )
     }
     table = ResultsTable(out / "results.jsonl", config, overwrite=args.overwrite)
-    rows = run_points(Editor(model, safety, utility), points, table, measure)
+    threat = None
+    if attacks:
+        from pyattr.data import Example, load_pairs
+        from pyattr.sweep import Attack
+
+        if args.attack_data is not None:
+            pairs = load_pairs(args.attack_data)
+        else:  # the toy model (checked above)
+            from pyattr.toy.recipe import Recipe, make_splits
+
+            pairs = [Example(p, r) for p, r in make_splits(Recipe()).instruct_harmful]
+        threat = Attack(tok, pairs, lr=args.finetune_lr)
+    rows = run_points(Editor(model, safety, utility, attack=threat), points, table, measure)
     path = write_report(out, rows, config)
     from pyattr.report import markdown_table, summary_rows
 
@@ -554,6 +580,17 @@ def add_commands(commands) -> None:
     p.add_argument("--actsvd", nargs="+", help="top safety ranks to remove")
     p.add_argument("--orthogonal", nargs="+", help="r_u,r_s pairs (counts or fractions of R)")
     p.add_argument("--controls", action="store_true", help="a random control for each point")
+    p.add_argument("--finetune", nargs="+", help="fine-tuning attacks as n,steps pairs, e.g. 10,5")
+    p.add_argument(
+        "--frozen",
+        nargs="+",
+        choices=["none", "set_difference", "top_safety"],
+        default=["none"],
+        help="regions kept bit for bit in each attack (with --method and --frozen-pq)",
+    )
+    p.add_argument("--frozen-pq", default="0.05,0.05", help="p,q of the frozen region")
+    p.add_argument("--attack-data", help="harmful pairs to fine-tune on (default: the toy's)")
+    p.add_argument("--finetune-lr", type=float, default=2e-4)
     p.add_argument("--prompts", help="harmful prompts (default: the toy held-out set)")
     p.add_argument("--variants", nargs="+", default=["vanilla"])
     p.add_argument("--suffixes")

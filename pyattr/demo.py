@@ -21,11 +21,10 @@ turns the results into the report folder.
 
 from __future__ import annotations
 
-import copy
 import time
 from pathlib import Path
 
-from .sweep import Editor, Point
+from .sweep import Attack, Editor, Point
 
 __all__ = ["ATTACKS", "ORTHOGONAL", "SET_DIFFERENCE", "attack", "demo_points", "run_demo"]
 
@@ -36,7 +35,7 @@ ORTHOGONAL = ((16, 3), (20, 4))  # (keep_u, keep_s): Π_u keeps 16 utility, Π_s
 # Fine-tuning attacks, weakest first: (n harmful pairs, optimizer steps), 8 pairs a step.
 ATTACKS = ((10, 2), (10, 5), (100, 40))
 FINETUNE = {"lr": 2e-4, "batch_size": 8}
-FROZEN = {"none": None, "set_difference": "wanda set difference", "top_safety": "top 5% safety"}
+FROZEN = ("none", "set_difference", "top_safety")
 
 
 def _set_difference(method: str) -> dict:
@@ -58,7 +57,7 @@ def demo_points(quick: bool = False) -> list[Point]:
             Point("random_ranks", ranks),
             Point(
                 "finetune",
-                {"n": ATTACKS[-1][0], "steps": ATTACKS[-1][1], "frozen": "set_difference"},
+                {"n": ATTACKS[-1][0], "steps": ATTACKS[-1][1], **_frozen("set_difference")},
             ),
         ]
     points = [Point("none")]
@@ -72,49 +71,30 @@ def demo_points(quick: bool = False) -> list[Point]:
         points.append(Point("orthogonal", {"keep_u": keep_u, "keep_s": keep_s}))
     points.append(Point("random_ranks", ranks))
     points += [
-        Point("finetune", {"n": n, "steps": steps, "frozen": frozen})
+        Point("finetune", {"n": n, "steps": steps, **_frozen(frozen)})
         for n, steps in ATTACKS
         for frozen in FROZEN
     ]
     return points
 
 
-class _Subject(Editor):
-    """The aligned toy model with its statistics (norms, covariance and SNIP in one pass per
-    set); adds the fine-tuning attack to the sweep's edits."""
+def _frozen(frozen: str) -> dict:
+    """A finetune point's frozen region: the Wanda set difference at ``SET_DIFFERENCE`` or the
+    top 5% safety weights by Wanda."""
+    if frozen == "set_difference":
+        return {"frozen": frozen, **_set_difference("wanda")}
+    if frozen == "top_safety":
+        return {"frozen": frozen, "method": "wanda", "q": 0.05}
+    if frozen == "none":
+        return {"frozen": frozen}
+    raise ValueError(f"frozen must be one of {sorted(FROZEN)}, got {frozen!r}")
 
-    def __init__(self, recipe, progress: bool) -> None:
-        import pyattr
-        from pyattr import toy
-        from pyattr.data import load_pairs
 
-        self.recipe = recipe
-        model, self.tokenizer = toy.load(recipe=recipe, progress=progress)
-        paths = toy.data(recipe, progress=False)
-        collect = ("norms", "covariance", "snip")
-        safety, utility = (
-            pyattr.calibrate(
-                model, self.tokenizer, load_pairs(paths[name]), collect=collect, progress=False
-            )
-            for name in ("safety_calibration", "utility_calibration")
-        )
-        super().__init__(model, safety, utility)
+def _attack_pairs(recipe) -> list:
+    from pyattr.data import Example
+    from pyattr.toy.recipe import Recipe, make_splits
 
-    def edited(self, point: Point):
-        if point.method != "finetune":
-            return super().edited(point)
-        p = point.params
-        model = attack(
-            self.model,
-            self.tokenizer,
-            self.safety,
-            self.utility,
-            p["n"],
-            p["steps"],
-            p["frozen"],
-            recipe=self.recipe,
-        )
-        return model, 0.0, "weights"
+    return [Example(q, a) for q, a in make_splits(recipe or Recipe()).instruct_harmful]
 
 
 def attack(
@@ -134,27 +114,27 @@ def attack(
     ("none", "set_difference": the Wanda set difference at its ``SET_DIFFERENCE``, or
     "top_safety": the top 5% safety weights by Wanda) kept bit for bit. ``recipe``: the toy
     recipe whose pairs are used (the default recipe's by default)."""
-    from pyattr.data import Example, sample
-    from pyattr.finetune import finetune
-    from pyattr.masks import region
-    from pyattr.toy.recipe import Recipe, make_splits
+    threat = Attack(tokenizer, _attack_pairs(recipe), seed=seed, **FINETUNE)
+    editor = Editor(model, safety, utility, attack=threat)
+    return editor.edited(Point("finetune", {"n": n, "steps": steps, **_frozen(frozen)}))[0]
 
-    if frozen not in FROZEN:
-        raise ValueError(f"frozen must be one of {sorted(FROZEN)}, got {frozen!r}")
-    model = copy.deepcopy(model)
-    mask = None
-    if frozen == "set_difference":
-        sd = _set_difference("wanda")
-        mask, _ = region(model, safety, utility, q=sd["q"], p=sd["p"])
-    elif frozen == "top_safety":
-        mask, _ = region(model, safety, q=0.05)
-    harmful = [Example(q, a) for q, a in make_splits(recipe or Recipe()).instruct_harmful]
-    options = FINETUNE | {"batch_size": min(FINETUNE["batch_size"], n)}
-    pairs = sample(harmful, n, seed=seed)
-    finetune(
-        model, tokenizer, pairs, frozen=mask, steps=steps, seed=seed, progress=False, **options
+
+def _subject(recipe, progress: bool) -> Editor:
+    """The aligned toy model with its statistics (norms, covariance and SNIP in one pass per
+    set) and the toy's harmful pairs for the fine-tuning points."""
+    import pyattr
+    from pyattr import toy
+    from pyattr.data import load_pairs
+
+    model, tokenizer = toy.load(recipe=recipe, progress=progress)
+    paths = toy.data(recipe, progress=False)
+    collect = ("norms", "covariance", "snip")
+    safety, utility = (
+        pyattr.calibrate(model, tokenizer, load_pairs(paths[name]), collect=collect, progress=False)
+        for name in ("safety_calibration", "utility_calibration")
     )
-    return model
+    threat = Attack(tokenizer, _attack_pairs(recipe), **FINETUNE)
+    return Editor(model, safety, utility, attack=threat)
 
 
 def run_demo(
@@ -213,11 +193,11 @@ def run_demo(
     }
     table = ResultsTable(out / "results.jsonl", config, overwrite=overwrite)
     t0 = time.perf_counter()
-    subject = _Subject(recipe, progress)
+    subject = _subject(recipe, progress)
     prepared = time.perf_counter() - t0
 
     def measure_point(model) -> dict:
-        return measure(model, subject.tokenizer, prompts, items, samples=config["samples"])
+        return measure(model, subject.attack.tokenizer, prompts, items, samples=config["samples"])
 
     run_points(subject, points, table, measure_point, progress=progress)
     sd = _set_difference("wanda")

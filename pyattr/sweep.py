@@ -17,13 +17,15 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
 from .artifacts import atomic_write
 from .calibrate import Stats
+from .data import Example
 
-__all__ = ["Editor", "Point", "ResultsTable", "run_points"]
+__all__ = ["Attack", "Editor", "Point", "ResultsTable", "run_points"]
 
 FORMAT = "pyattr.results/1"
 
@@ -85,7 +87,10 @@ class Point:
     methods: ``none``; ``top`` (method, q); ``set_difference`` (method, p, q);
     ``random_weights`` (like, p, q: a random region as large as that set difference);
     ``actsvd_remove`` (r); ``orthogonal`` (keep_u/keep_s or r_u/r_s, counts or fractions of R);
-    ``random_ranks`` (as orthogonal: random directions of the same ranks).
+    ``random_ranks`` (as orthogonal: random directions of the same ranks); ``finetune`` (n,
+    steps, frozen: "none", "set_difference" with method, p, q, or "top_safety" with method, q:
+    a fine-tuning attack on n pairs of the editor's ``Attack`` with that region kept bit for
+    bit).
     """
 
     method: str
@@ -97,13 +102,36 @@ class Point:
         return f"{self.method}({args})"
 
 
+@dataclass(frozen=True)
+class Attack:
+    """What the sweep's fine-tuning points train on: the tokenizer, (prompt, harmful answer)
+    pairs to draw n from, and the optimizer's settings (``finetune.finetune``'s)."""
+
+    tokenizer: Any
+    pairs: Sequence[Example]
+    lr: float = 2e-4
+    batch_size: int = 8
+    seed: int = 0
+
+
+FROZEN = ("none", "set_difference", "top_safety")
+
+
 class Editor:
     """A model with its safety and utility statistics: applies a point's edit to a copy and says
-    how much it removed (a fraction of the weights or of the ranks). The eigenbases are computed
-    once, on first use, from the statistics' covariances."""
+    how much it removed (a fraction of the weights or of the ranks; nothing for a fine-tuning
+    attack). The eigenbases are computed once, on first use, from the statistics' covariances.
+    ``attack``: what fine-tuning points train on (needed only by them)."""
 
-    def __init__(self, model: nn.Module, safety: Stats, utility: Stats | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        safety: Stats,
+        utility: Stats | None = None,
+        attack: Attack | None = None,
+    ) -> None:
         self.model, self.safety, self.utility = model, safety, utility
+        self.attack = attack
         self._bases: list | None = None
 
     @property
@@ -148,7 +176,43 @@ class Editor:
                 model = copy.deepcopy(self.model)
                 remove_random(model, report, seed=0)
             return model, report.fraction, "ranks"
+        if point.method == "finetune":
+            return self._finetuned(model, p), 0.0, "weights"
         raise ValueError(f"unknown sweep method {point.method!r}")
+
+    def _finetuned(self, model: nn.Module, p: dict) -> nn.Module:
+        from .data import sample
+        from .finetune import finetune
+        from .masks import region
+
+        if self.attack is None:
+            raise ValueError(
+                "finetune points need what to train on: Editor(..., attack=Attack(tokenizer, "
+                "pairs)) (on the command line, --attack-data)"
+            )
+        frozen = p.get("frozen", "none")
+        if frozen not in FROZEN:
+            raise ValueError(f"frozen must be one of {FROZEN}, got {frozen!r}")
+        mask = None
+        if frozen == "set_difference":
+            method = p.get("method", "wanda")
+            mask, _ = region(model, self.safety, self.utility, method=method, q=p["q"], p=p["p"])
+        elif frozen == "top_safety":
+            mask, _ = region(model, self.safety, method=p.get("method", "wanda"), q=p["q"])
+        a = self.attack
+        pairs = sample(a.pairs, p["n"], seed=a.seed)
+        finetune(
+            model,
+            a.tokenizer,
+            pairs,
+            frozen=mask,
+            steps=p["steps"],
+            lr=a.lr,
+            batch_size=min(a.batch_size, p["n"]),
+            seed=a.seed,
+            progress=False,
+        )
+        return model
 
 
 def run_points(

@@ -211,3 +211,28 @@ def test_errors_are_one_line_messages(tmp_path, capsys):
     assert (
         main(["mask", "--safety", str(tmp_path / "results.jsonl"), "--q", "2", "--out", "m"]) == 2
     )
+
+
+def test_sweep_runs_fine_tuning_points(tmp_path):
+    d = tmp_path
+    main(["calibrate", "--collect", "norms", "--out", str(d / "s")])
+    main(["calibrate", "--toy-set", "utility", "--collect", "norms", "--out", str(d / "u")])
+    sweep = ["sweep", "--safety", str(d / "s"), "--utility", str(d / "u")]
+    sweep += ["--finetune", "8,4", "--frozen", "none", "set_difference", "--finetune-lr", "6e-4"]
+    sweep += ["--max-new-tokens", "32", "--batch-size", "128", "--out", str(d / "sweep")]
+    assert main(sweep) == 0
+    rows = [json.loads(line) for line in (d / "sweep" / "results.jsonl").read_text().splitlines()]
+    attacks = [r for r in rows[1:] if r["method"] == "finetune"]
+    assert [r["params"]["frozen"] for r in attacks] == ["none", "set_difference"]
+    assert attacks[1]["params"] | {"n": 0} == {
+        "n": 0,
+        "steps": 4,
+        "frozen": "set_difference",
+        "method": "wanda",
+        "p": 0.05,
+        "q": 0.05,
+    }
+    assert all(r["asr"]["vanilla"] >= 0.5 for r in attacks)  # the attack undoes the alignment
+    assert "n=8, 4 steps" in (d / "sweep" / "freezing.csv").read_text()
+    with pytest.raises(SystemExit, match="needs --attack-data"):
+        main([*sweep[:5], "--model", str(d / "nope"), "--finetune", "8,4", "--out", str(d / "x")])

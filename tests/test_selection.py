@@ -338,3 +338,21 @@ def test_forcing_triton_keeps_the_native_covariance():
     with ops.force_backend("triton"):
         assert ops._use_native(torch.device("cpu"))
         assert ops.backends()["selection[cpu]"] == "Triton kernels (forced)"
+
+
+# (d_out, d_in) of the linear layers of Llama-2-7B, -13B and -70B (70B's k/v: grouped queries)
+REAL_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (5120, 5120), (13824, 5120)]
+REAL_SHAPES += [(5120, 13824), (8192, 8192), (1024, 8192), (28672, 8192), (8192, 28672)]
+
+
+def test_counts_are_exact_on_real_shapes_for_every_three_decimal_fraction():
+    """k = ⌊f·n⌋ in integer arithmetic on the decimal typed: for f = i/1000, (i·n) // 1000,
+    per row (n = d_in) and over the whole matrix (n = d_out·d_in)."""
+    sizes = sorted({d_in for _, d_in in REAL_SHAPES} | {a * b for a, b in REAL_SHAPES})
+    for i in range(1001):
+        fraction = float(f"{i / 1000:.3f}")
+        for n in sizes:
+            assert count_for(fraction, n) == i * n // 1000, (fraction, n)
+    assert count_for(0.29, 100) == 29 and count_for(1, 7) == 7 and count_for(0, 7) == 0
+    with pytest.raises(ValueError, match=r"in \[0, 1\], got nan"):
+        count_for(float("nan"), 10)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -100,3 +101,18 @@ def test_wrong_files_are_refused(tmp_path):
         load_stats(path)
     with pytest.raises(FileNotFoundError):
         load_mask(Path(tmp_path) / "missing.safetensors")
+
+
+def test_written_files_take_the_users_umask(tmp_path):
+    from pyattr.artifacts import atomic_write
+
+    old = os.umask(0o027)
+    try:
+        path = atomic_write(tmp_path / "a.txt", "x")
+        assert stat.S_IMODE(path.stat().st_mode) == 0o640
+        os.umask(0o022)
+        path = atomic_write(tmp_path / "b.txt", b"y")
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    finally:
+        os.umask(old)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.txt"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import struct
 import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -95,7 +96,30 @@ def atomic_write(path: str | Path, data: bytes | str) -> Path:
 def _atomic_save(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict) -> Path:
     payload = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     meta = {k: str(v) for k, v in metadata.items()}
-    return _atomic(path, lambda tmp: save_file(payload, tmp, metadata=meta))
+
+    def write(tmp: str) -> None:
+        save_file(payload, tmp, metadata=meta)
+        _sort_header(tmp)
+
+    return _atomic(path, write)
+
+
+def _sort_header(path: str) -> None:
+    """Rewrite a safetensors header with its keys sorted, in place and at the same length:
+    safetensors writes the metadata in hash-map order, which differs from run to run, so the
+    same statistics would otherwise never give the same bytes twice."""
+    with open(path, "r+b") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        raw = f.read(length)
+        header = json.loads(raw)
+        if "__metadata__" in header:
+            header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        blob = text.encode()
+        if len(blob) > length:  # cannot happen for the same content; never corrupt a file
+            return
+        f.seek(8)
+        f.write(blob + b" " * (length - len(blob)))
 
 
 def _version() -> str:

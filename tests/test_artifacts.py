@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import stat
 from pathlib import Path
@@ -116,3 +117,28 @@ def test_written_files_take_the_users_umask(tmp_path):
     finally:
         os.umask(old)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.txt"]
+
+
+def _save_mask_in_a_child(path: str) -> None:
+    torch.manual_seed(0)
+    model = tiny_llama(torch.float32)
+    masks = {
+        layer.name: torch.rand(layer.weight.shape) < 0.3 for layer in find_linear_layers(model)
+    }
+    pyattr.save_mask(pyattr.Mask(masks), path)
+
+
+def test_the_same_content_gives_the_same_bytes(tmp_path):
+    """safetensors writes its metadata in hash-map order, which changes from process to
+    process; pyattr sorts the header, so a rerun of a command writes identical files."""
+    ctx = multiprocessing.get_context("spawn")
+    paths = [str(tmp_path / f"m{i}.safetensors") for i in range(2)]
+    for path in paths:
+        child = ctx.Process(target=_save_mask_in_a_child, args=(path,))
+        child.start()
+        child.join()
+        assert child.exitcode == 0
+    first, second = (Path(p).read_bytes() for p in paths)
+    assert first == second
+    loaded = pyattr.load_mask(paths[0])
+    assert loaded.sparsity()["overall"] > 0.2

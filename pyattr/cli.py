@@ -56,16 +56,42 @@ def _need(path: str | Path, what: str, command: str) -> Path:
     return path
 
 
-def save_model(model, tokenizer, out: str | Path) -> Path:
-    """Save a model folder atomically (a temporary folder beside it, then a rename)."""
+MODEL_MARK = ".pyattr-model"  # in every model folder pyattr writes: it may replace those only
+
+
+def check_model_out(out: str | Path, *sources: str | None) -> Path:
+    """Refuse, before any work, an output folder that is one of the models read (``sources``)
+    or a non-empty folder pyattr did not write: replacing it would lose what is there."""
     out = Path(out)
+    for source in sources:
+        if source and Path(source).exists() and Path(source).resolve() == out.resolve():
+            raise SystemExit(f"pyattr: --out {out} is the model it reads; choose another folder")
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"pyattr: --out {out} is a file, not a model folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / MODEL_MARK).exists():
+        raise SystemExit(
+            f"pyattr: --out {out} is a folder pyattr did not write and is not empty; choose "
+            "another folder (pyattr replaces only model folders it wrote)"
+        )
+    return out
+
+
+def save_model(model, tokenizer, out: str | Path, *sources: str | None) -> Path:
+    """Save a model folder atomically: written beside it under a temporary name, then renamed
+    into place; a folder pyattr wrote before is moved aside first and deleted last, so a kill at
+    any moment leaves the old folder or the new one (or both, beside it), never neither."""
+    out = check_model_out(out, *sources)
     tmp = out.with_name(f".{out.name}.partial")
+    old = out.with_name(f".{out.name}.old")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    (tmp / MODEL_MARK).write_text("written by pyattr\n")
     if out.exists():
-        shutil.rmtree(out)
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
     tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
     return out
 
 
@@ -128,6 +154,7 @@ def _mask(args) -> int:
 
 
 def _prune(args) -> int:
+    check_model_out(args.out, args.model, args.restore_from)
     import pyattr
 
     model, tok = load_model(args.model, args.dtype)
@@ -137,11 +164,12 @@ def _prune(args) -> int:
         pyattr.restore(model, source, mask)
     else:
         pyattr.prune(model, mask)
-    print(f"model folder: {save_model(model, tok, args.out)}")
+    print(f"model folder: {save_model(model, tok, args.out, args.model, args.restore_from)}")
     return 0
 
 
 def _rewind(args) -> int:
+    check_model_out(args.out, args.model, args.source)
     import pyattr
     from pyattr.artifacts import Mask
 
@@ -151,12 +179,13 @@ def _rewind(args) -> int:
         mask = Mask({name: ~m for name, m in mask.masks.items()})
     source, _ = load_model(args.source, args.dtype)
     pyattr.restore(model, source, mask)
-    folder = save_model(model, tok, args.out)
+    folder = save_model(model, tok, args.out, args.model, args.source)
     print(f"rewound {mask.sparsity()['overall']:.2%} of the weights; model folder: {folder}")
     return 0
 
 
 def _finetune(args) -> int:
+    check_model_out(args.out, args.model)
     import pyattr
     from pyattr.data import Example, load_pairs
     from pyattr.finetune import finetune
@@ -192,13 +221,15 @@ def _finetune(args) -> int:
     print(
         f"loss {result['loss_first']:.3f} -> {result['loss_last']:.3f} in {result['steps']} steps"
     )
-    print(f"model folder: {save_model(model, tok, args.out)}")
+    print(f"model folder: {save_model(model, tok, args.out, args.model)}")
     return 0
 
 
 def _lowrank(args) -> int:
     import pyattr
 
+    if args.action == "edit":
+        check_model_out(args.out, args.model)
     model, tok = load_model(args.model, args.dtype)
     if args.action == "eigen":
         stats = pyattr.load_stats(_need(args.stats, "statistics", "calibrate"), model=model)
@@ -215,7 +246,7 @@ def _lowrank(args) -> int:
     report = pyattr.edit_ranks(
         model, args.mode, safety, utility, **{k: _rank(v) for k, v in ranks.items()}
     )
-    folder = save_model(model, tok, args.out)
+    folder = save_model(model, tok, args.out, args.model)
     print(f"removed {report.fraction:.2%} of the ranks; model folder: {folder}")
     return 0
 

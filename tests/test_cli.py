@@ -236,3 +236,35 @@ def test_sweep_runs_fine_tuning_points(tmp_path):
     assert "n=8, 4 steps" in (d / "sweep" / "freezing.csv").read_text()
     with pytest.raises(SystemExit, match="needs --attack-data"):
         main([*sweep[:5], "--model", str(d / "nope"), "--finetune", "8,4", "--out", str(d / "x")])
+
+
+def test_model_folders_never_replace_what_pyattr_did_not_write(tmp_path):
+    d = tmp_path
+    main(["calibrate", "--collect", "norms", "--out", str(d / "s")])
+    main(["mask", "--safety", str(d / "s"), "--q", "0.05", "--out", str(d / "m")])
+    prune = ["prune", "--mask", str(d / "m")]
+    assert main([*prune, "--out", str(d / "pruned")]) == 0
+    assert (d / "pruned" / ".pyattr-model").exists()
+    assert main([*prune, "--out", str(d / "pruned")]) == 0  # its own folder: replaced
+    assert sorted(p.name for p in d.iterdir() if p.name.startswith(".")) == []
+    with pytest.raises(SystemExit, match="is the model it reads"):
+        main([*prune, "--model", str(d / "pruned"), "--out", str(d / "pruned")])
+    (d / "mine").mkdir()
+    (d / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(SystemExit, match="did not write and is not empty"):
+        main([*prune, "--out", str(d / "mine")])
+    assert (d / "mine" / "notes.txt").read_text() == "keep me"
+    with pytest.raises(SystemExit, match="is the model it reads"):
+        main(
+            [
+                "rewind",
+                "--mask",
+                str(d / "m"),
+                "--source",
+                str(d / "pruned"),
+                "--out",
+                str(d / "pruned"),
+            ]
+        )
+    (d / "empty").mkdir()
+    assert main([*prune, "--out", str(d / "empty")]) == 0

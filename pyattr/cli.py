@@ -187,14 +187,14 @@ def _rewind(args) -> int:
 def _finetune(args) -> int:
     check_model_out(args.out, args.model)
     import pyattr
-    from pyattr.data import Example, load_pairs
+    from pyattr.data import load_pairs
     from pyattr.finetune import finetune
 
     model, tok = load_model(args.model, args.dtype)
     if args.data is None:
-        from pyattr.toy.recipe import Recipe, make_splits
+        from pyattr.toy import attack_pairs
 
-        pairs = [Example(p, r) for p, r in make_splits(Recipe()).instruct_harmful]
+        pairs = attack_pairs()
     else:
         pairs = load_pairs(
             args.data, prompt_column=args.prompt_column, response_column=args.response_column
@@ -432,15 +432,12 @@ def _sweep(args) -> int:
     table = ResultsTable(out / "results.jsonl", config, overwrite=args.overwrite)
     threat = None
     if attacks:
-        from pyattr.data import Example, load_pairs
+        from pyattr.data import load_pairs
         from pyattr.sweep import Attack
+        from pyattr.toy import attack_pairs
 
-        if args.attack_data is not None:
-            pairs = load_pairs(args.attack_data)
-        else:  # the toy model (checked above)
-            from pyattr.toy.recipe import Recipe, make_splits
-
-            pairs = [Example(p, r) for p, r in make_splits(Recipe()).instruct_harmful]
+        # --attack-data, or on the toy model (checked above) the toy's own pairs
+        pairs = load_pairs(args.attack_data) if args.attack_data else attack_pairs()
         threat = Attack(tok, pairs, lr=args.finetune_lr)
     rows = run_points(Editor(model, safety, utility, attack=threat), points, table, measure)
     path = write_report(out, rows, config)

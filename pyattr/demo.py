@@ -24,7 +24,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .sweep import Attack, Editor, Point
+from .sweep import FROZEN, Attack, Editor, Point
 
 __all__ = ["ATTACKS", "ORTHOGONAL", "SET_DIFFERENCE", "attack", "demo_points", "run_demo"]
 
@@ -35,7 +35,6 @@ ORTHOGONAL = ((16, 3), (20, 4))  # (keep_u, keep_s): Π_u keeps 16 utility, Π_s
 # Fine-tuning attacks, weakest first: (n harmful pairs, optimizer steps), 8 pairs a step.
 ATTACKS = ((10, 2), (10, 5), (100, 40))
 FINETUNE = {"lr": 2e-4, "batch_size": 8}
-FROZEN = ("none", "set_difference", "top_safety")
 
 
 def _set_difference(method: str) -> dict:
@@ -90,13 +89,6 @@ def _frozen(frozen: str) -> dict:
     raise ValueError(f"frozen must be one of {sorted(FROZEN)}, got {frozen!r}")
 
 
-def _attack_pairs(recipe) -> list:
-    from pyattr.data import Example
-    from pyattr.toy.recipe import Recipe, make_splits
-
-    return [Example(q, a) for q, a in make_splits(recipe or Recipe()).instruct_harmful]
-
-
 def attack(
     model,
     tokenizer,
@@ -114,7 +106,9 @@ def attack(
     ("none", "set_difference": the Wanda set difference at its ``SET_DIFFERENCE``, or
     "top_safety": the top 5% safety weights by Wanda) kept bit for bit. ``recipe``: the toy
     recipe whose pairs are used (the default recipe's by default)."""
-    threat = Attack(tokenizer, _attack_pairs(recipe), seed=seed, **FINETUNE)
+    from pyattr import toy
+
+    threat = Attack(tokenizer, toy.attack_pairs(recipe), seed=seed, **FINETUNE)
     editor = Editor(model, safety, utility, attack=threat)
     return editor.edited(Point("finetune", {"n": n, "steps": steps, **_frozen(frozen)}))[0]
 
@@ -133,7 +127,7 @@ def _subject(recipe, progress: bool) -> Editor:
         pyattr.calibrate(model, tokenizer, load_pairs(paths[name]), collect=collect, progress=False)
         for name in ("safety_calibration", "utility_calibration")
     )
-    threat = Attack(tokenizer, _attack_pairs(recipe), **FINETUNE)
+    threat = Attack(tokenizer, toy.attack_pairs(recipe), **FINETUNE)
     return Editor(model, safety, utility, attack=threat)
 
 

@@ -30,7 +30,7 @@ import torch
 
 from .recipe import Recipe, Splits, make_splits
 
-__all__ = ["DATA_FILES", "Recipe", "build", "cache_root", "data", "load"]
+__all__ = ["DATA_FILES", "Recipe", "attack_pairs", "build", "cache_root", "data", "load"]
 
 DATA_FILES = {
     "safety_calibration": "safety_calibration.csv",
@@ -180,3 +180,11 @@ def data(recipe: Recipe | None = None, *, progress: bool = True) -> dict[str, Pa
     """Paths of the toy data sets, by name (see ``DATA_FILES``)."""
     entry = build(recipe, progress=progress)
     return {name: entry / "data" / file for name, file in DATA_FILES.items()}
+
+
+def attack_pairs(recipe: Recipe | None = None) -> list:
+    """The toy's harmful (prompt, compliant answer) pairs of its instruction-tuning split, as
+    ``pyattr.data.Example``: what fine-tuning attacks on the toy model train on."""
+    from ..data import Example
+
+    return [Example(p, a) for p, a in make_splits(recipe or Recipe()).instruct_harmful]

@@ -29,7 +29,6 @@ from .scores import keys_from, score_keys, store_selection
 __all__ = [
     "matrix_threshold",
     "matrix_topk_triton",
-    "matrix_topk_torch",
     "matrix_topk_ref",
     "Threshold",
     "launch_grid",
@@ -50,14 +49,16 @@ def _hist_kernel(
     prefix,
     SHIFT: tl.constexpr,
     FIRST: tl.constexpr,
-    IS_SNIP: tl.constexpr,
+    PER_ENTRY: tl.constexpr,
     LARGEST: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     valid = cols < n_cols
-    key, bad = score_keys(w_ptr, aux_ptr, row, cols, valid, stride_w, stride_aux, IS_SNIP, LARGEST)
+    key, bad = score_keys(
+        w_ptr, aux_ptr, row, cols, valid, stride_w, stride_aux, PER_ENTRY, LARGEST
+    )
     match = key >= 0
     if FIRST:
         tl.atomic_add(bad_ptr, tl.sum(bad.to(tl.int32), axis=0))
@@ -87,7 +88,7 @@ def _ties_kernel(
     stride_b,
     t_a,
     t_b,
-    IS_SNIP: tl.constexpr,
+    PER_ENTRY: tl.constexpr,
     LARGEST: tl.constexpr,
     TWO: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -97,10 +98,10 @@ def _ties_kernel(
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     valid = cols < n_cols
     w = tl.load(w_ptr + row * stride_w + cols, mask=valid, other=0.0).to(tl.float32)
-    key_a, _ = keys_from(w, aux_a_ptr, row, cols, valid, stride_a, IS_SNIP, LARGEST)
+    key_a, _ = keys_from(w, aux_a_ptr, row, cols, valid, stride_a, PER_ENTRY, LARGEST)
     tl.store(ties_ptr + pid, tl.sum((key_a == t_a).to(tl.int32), axis=0))
     if TWO:
-        key_b, _ = keys_from(w, aux_b_ptr, row, cols, valid, stride_b, IS_SNIP, LARGEST)
+        key_b, _ = keys_from(w, aux_b_ptr, row, cols, valid, stride_b, PER_ENTRY, LARGEST)
         tl.store(
             ties_ptr + tl.num_programs(0) * tl.num_programs(1) + pid,
             tl.sum((key_b == t_b).to(tl.int32), axis=0),
@@ -124,7 +125,7 @@ def _write_kernel(
     need_a,
     t_b,
     need_b,
-    IS_SNIP: tl.constexpr,
+    PER_ENTRY: tl.constexpr,
     LARGEST: tl.constexpr,
     TWO: tl.constexpr,
     OUT: tl.constexpr,
@@ -137,10 +138,10 @@ def _write_kernel(
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     valid = cols < n_cols
     w = tl.load(w_ptr + row * stride_w + cols, mask=valid, other=0.0).to(tl.float32)
-    key_a, _ = keys_from(w, aux_a_ptr, row, cols, valid, stride_a, IS_SNIP, LARGEST)
+    key_a, _ = keys_from(w, aux_a_ptr, row, cols, valid, stride_a, PER_ENTRY, LARGEST)
     sel = _select(key_a, t_a, need_a, tl.load(offs_ptr + pid), valid)
     if TWO:
-        key_b, _ = keys_from(w, aux_b_ptr, row, cols, valid, stride_b, IS_SNIP, LARGEST)
+        key_b, _ = keys_from(w, aux_b_ptr, row, cols, valid, stride_b, PER_ENTRY, LARGEST)
         sel_b = _select(key_b, t_b, need_b, tl.load(offs_ptr + n_prog + pid), valid)
         tl.store(inter_ptr + pid, tl.sum((sel & sel_b).to(tl.int32), axis=0))
         sel = sel & ~sel_b
@@ -177,7 +178,7 @@ def launch_grid(weight: torch.Tensor) -> tuple[tuple[int, int], int]:
 
 
 def matrix_threshold(
-    weight: torch.Tensor, aux: torch.Tensor, k: int, *, snip: bool, largest: bool = True
+    weight: torch.Tensor, aux: torch.Tensor, k: int, *, per_entry: bool, largest: bool = True
 ) -> Threshold:
     """Radix-select the k-th largest key of the recomputed scores (4 passes over W)."""
     grid, block = launch_grid(weight)
@@ -194,11 +195,11 @@ def matrix_threshold(
             bad,
             weight.shape[1],
             weight.stride(0),
-            aux.stride(0) if snip else 0,
+            aux.stride(0) if per_entry else 0,
             prefix,
             SHIFT=shift,
             FIRST=i == 0,
-            IS_SNIP=snip,
+            PER_ENTRY=per_entry,
             LARGEST=largest,
             BLOCK=block,
         )
@@ -221,7 +222,7 @@ def tie_offsets(
     auxes: list[torch.Tensor],
     thresholds: list[Threshold],
     *,
-    snip: bool,
+    per_entry: bool,
     largest: bool,
 ) -> torch.Tensor:
     """Per program (and per selection), how many keys equal to the threshold come before it."""
@@ -237,11 +238,11 @@ def tie_offsets(
         ties,
         weight.shape[1],
         weight.stride(0),
-        auxes[0].stride(0) if snip else 0,
-        aux_b.stride(0) if snip else 0,
+        auxes[0].stride(0) if per_entry else 0,
+        aux_b.stride(0) if per_entry else 0,
         thresholds[0].key,
         thresholds[-1].key,
-        IS_SNIP=snip,
+        PER_ENTRY=per_entry,
         LARGEST=largest,
         TWO=two,
         BLOCK=block,
@@ -255,13 +256,13 @@ def write_selection(
     auxes: list[torch.Tensor],
     thresholds: list[Threshold],
     *,
-    snip: bool,
+    per_entry: bool,
     largest: bool,
     out: str,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The last pass: the mask of selection A, or A \\ B and |A ∩ B| per program."""
     grid, block = launch_grid(weight)
-    offs = tie_offsets(weight, auxes, thresholds, snip=snip, largest=largest)
+    offs = tie_offsets(weight, auxes, thresholds, per_entry=per_entry, largest=largest)
     result, target, stride_out, mode = allocate_output(weight, out)
     two = len(auxes) == 2
     aux_b = auxes[1] if two else auxes[0]
@@ -276,14 +277,14 @@ def write_selection(
         inter,
         weight.shape[1],
         weight.stride(0),
-        auxes[0].stride(0) if snip else 0,
-        aux_b.stride(0) if snip else 0,
+        auxes[0].stride(0) if per_entry else 0,
+        aux_b.stride(0) if per_entry else 0,
         stride_out,
         a.key,
         a.need,
         b.key,
         b.need,
-        IS_SNIP=snip,
+        PER_ENTRY=per_entry,
         LARGEST=largest,
         TWO=two,
         OUT=mode,
@@ -297,45 +298,18 @@ def matrix_topk_triton(
     aux: torch.Tensor,
     k: int,
     *,
-    snip: bool,
+    per_entry: bool,
     largest: bool = True,
     out: str = "bool",
 ) -> tuple[torch.Tensor, int]:
     """Launch the radix select; returns (output, number of NaN/negative scores). When that
-    number is not 0 nothing was written (the check is in the first pass)."""
-    th = matrix_threshold(weight, aux, k, snip=snip, largest=largest)
+    number is not 0 nothing was written (the check is in the first pass) and the output is
+    empty."""
+    th = matrix_threshold(weight, aux, k, per_entry=per_entry, largest=largest)
     if th.bad:
         return torch.empty(0, dtype=torch.bool, device=weight.device), th.bad
-    result, _ = write_selection(weight, [aux], [th], snip=snip, largest=largest, out=out)
+    result, _ = write_selection(weight, [aux], [th], per_entry=per_entry, largest=largest, out=out)
     return result, 0
-
-
-def matrix_topk_torch(scores: torch.Tensor, k: int, *, largest: bool = True) -> torch.Tensor:
-    """The PyTorch path: a two-level radix select on the int32 keys of the scores (as in the
-    kernels): a 32768-bin histogram of the high 16 bits finds the bucket holding the k-th key,
-    a ``topk`` inside that bucket finds the key; no sort of the matrix."""
-    flat = scores.contiguous().view(-1)
-    n = flat.numel()
-    if k == 0:
-        return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
-    if k == n:
-        return torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
-    keys = flat.view(torch.int32)
-    if not largest:
-        keys = 0x7FFFFFFF - keys
-    high = keys >> 16
-    hist = torch.bincount(high, minlength=1 << 15)
-    from_top = hist.flip(0).cumsum(0)
-    pos = int((from_top >= k).nonzero()[0])
-    bucket = (1 << 15) - 1 - pos
-    above = int(from_top[pos]) - int(hist[bucket])
-    kth = keys[high == bucket].topk(k - above, sorted=False).values.min()
-    beyond = keys > kth
-    eq = keys == kth
-    need = k - int(beyond.sum())
-    if int(eq.sum()) > need:
-        eq &= eq.cumsum(0) <= need
-    return (beyond | eq).view(scores.shape)
 
 
 def matrix_topk_ref(scores: torch.Tensor, k: int, *, largest: bool = True) -> torch.Tensor:

@@ -14,10 +14,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .row_topk import allocate_output, row_topk_ref, row_topk_torch
+from .row_topk import allocate_output, row_topk_ref
 from .scores import score_keys, select_top, store_selection
 
-__all__ = ["nm_triton", "nm_torch", "nm_ref"]
+__all__ = ["nm_triton", "nm_ref"]
 
 
 @triton.jit
@@ -32,7 +32,7 @@ def _nm_kernel(
     stride_out,
     n,
     M: tl.constexpr,
-    IS_SNIP: tl.constexpr,
+    PER_ENTRY: tl.constexpr,
     LARGEST: tl.constexpr,
     OUT: tl.constexpr,
     GROUPS: tl.constexpr,
@@ -41,7 +41,9 @@ def _nm_kernel(
     groups = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)[:, None]
     cols = groups * M + tl.arange(0, M)[None, :]
     valid = cols < n_cols
-    key, bad = score_keys(w_ptr, aux_ptr, row, cols, valid, stride_w, stride_aux, IS_SNIP, LARGEST)
+    key, bad = score_keys(
+        w_ptr, aux_ptr, row, cols, valid, stride_w, stride_aux, PER_ENTRY, LARGEST
+    )
     sel = select_top(key, n, 1) & valid
     n_bad = tl.sum(tl.sum(bad.to(tl.int32), axis=1), axis=0)
     tl.atomic_add(bad_ptr + row, n_bad)
@@ -73,12 +75,12 @@ def nm_triton(
     n: int,
     m: int,
     *,
-    snip: bool,
+    per_entry: bool,
     largest: bool = True,
     out: str = "bool",
-) -> tuple[torch.Tensor, int]:
-    """Launch the N:M kernel; returns (output, number of NaN/negative scores). ``m`` is a power
-    of two and divides d_in (validated by ``pyattr.ops``)."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the N:M kernel; returns (output, number of NaN/negative scores as a tensor).
+    ``m`` is a power of two and divides d_in (validated by ``pyattr.selection``)."""
     d_out, d_in = weight.shape
     result, target, stride_out, mode = allocate_output(weight, out)
     bad = torch.zeros(d_out, dtype=torch.int32, device=weight.device)
@@ -91,22 +93,16 @@ def nm_triton(
         bad,
         d_in,
         weight.stride(0),
-        aux.stride(0) if snip else 0,
+        aux.stride(0) if per_entry else 0,
         stride_out,
         n,
         M=m,
-        IS_SNIP=snip,
+        PER_ENTRY=per_entry,
         LARGEST=largest,
         OUT=mode,
         GROUPS=groups,
     )
-    return result, int(bad.sum())
-
-
-def nm_torch(scores: torch.Tensor, n: int, m: int, *, largest: bool = True) -> torch.Tensor:
-    """The PyTorch path: each group of m is a row of length m for ``row_topk_torch``."""
-    d_out, d_in = scores.shape
-    return row_topk_torch(scores.reshape(-1, m), n, largest=largest).reshape(d_out, d_in)
+    return result, bad.sum()
 
 
 def nm_ref(scores: torch.Tensor, n: int, m: int, *, largest: bool = True) -> torch.Tensor:

@@ -8,7 +8,7 @@ How: one program per ROWS rows; each row is loaded once (W, plus G for SNIP), sc
 registers, and selected by a 31-step bitwise search on the score bits (``scores.select_top``);
 the scores are never written. Memory traffic: W (+ G) read once, the mask written once.
 Trade-off: the whole row lives in registers, which holds up to 32768 columns (the widest
-Llama-70B input is 28672); wider rows take the PyTorch path (``row_topk_torch``) with the same
+Llama-70B input is 28672); wider rows take the PyTorch path (``pyattr.ops``) with the same
 result. The 31 register passes are compute, hidden behind the read of W up to about 16K columns.
 """
 
@@ -20,16 +20,8 @@ import triton.language as tl
 
 from .scores import score_keys, select_top, store_selection
 
-__all__ = [
-    "MAX_TRITON_COLS",
-    "allocate_output",
-    "pack_bits",
-    "row_topk_ref",
-    "row_topk_torch",
-    "row_topk_triton",
-]
+__all__ = ["allocate_output", "row_topk_ref", "row_topk_triton"]
 
-MAX_TRITON_COLS = 32768
 _OUT_BOOL, _OUT_PACKED, _OUT_ZERO = 0, 1, 2
 _MODES = {"bool": _OUT_BOOL, "packed": _OUT_PACKED, "zero": _OUT_ZERO}
 
@@ -46,7 +38,7 @@ def _row_topk_kernel(
     stride_aux,
     stride_out,
     k,
-    IS_SNIP: tl.constexpr,
+    PER_ENTRY: tl.constexpr,
     LARGEST: tl.constexpr,
     OUT: tl.constexpr,
     ROWS: tl.constexpr,
@@ -55,7 +47,9 @@ def _row_topk_kernel(
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)[:, None]
     cols = tl.arange(0, BLOCK)[None, :]
     valid = (rows < n_rows) & (cols < n_cols)
-    key, bad = score_keys(w_ptr, aux_ptr, rows, cols, valid, stride_w, stride_aux, IS_SNIP, LARGEST)
+    key, bad = score_keys(
+        w_ptr, aux_ptr, rows, cols, valid, stride_w, stride_aux, PER_ENTRY, LARGEST
+    )
     sel = select_top(key, k, 1) & valid
     row_bad = tl.sum(bad.to(tl.int32), axis=1)
     tl.store(
@@ -94,13 +88,14 @@ def row_topk_triton(
     aux: torch.Tensor,
     k: int,
     *,
-    snip: bool,
+    per_entry: bool,
     largest: bool = True,
     out: str = "bool",
-) -> tuple[torch.Tensor, int]:
-    """Launch the fused kernel. ``aux``: fp32 norms (d_in,) or G (W's shape). Returns the output
-    (bool mask, packed uint8 mask, or ``weight`` zeroed) and the number of NaN/negative scores.
-    Arguments are validated by ``pyattr.ops``; rows must have at most MAX_TRITON_COLS columns."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the fused kernel. ``aux``: the factor per column (d_in,) or per entry (W's shape).
+    Returns the output (bool mask, packed uint8 mask, or ``weight`` zeroed) and the number of
+    NaN/negative scores (a scalar tensor).
+    Arguments are validated by ``pyattr.selection``; rows have at most 32768 columns."""
     d_out, d_in = weight.shape
     result, target, stride_out, mode = allocate_output(weight, out)
     bad = torch.empty(d_out, dtype=torch.int32, device=weight.device)
@@ -113,17 +108,17 @@ def row_topk_triton(
         d_out,
         d_in,
         weight.stride(0),
-        aux.stride(0) if snip else 0,
+        aux.stride(0) if per_entry else 0,
         stride_out,
         k,
-        IS_SNIP=snip,
+        PER_ENTRY=per_entry,
         LARGEST=largest,
         OUT=mode,
         ROWS=rows,
         BLOCK=block,
         num_warps=warps,
     )
-    return result, int(bad.sum())
+    return result, bad.sum()
 
 
 def allocate_output(weight: torch.Tensor, out: str) -> tuple[torch.Tensor, torch.Tensor, int, int]:
@@ -139,42 +134,8 @@ def allocate_output(weight: torch.Tensor, out: str) -> tuple[torch.Tensor, torch
     return weight, weight, weight.stride(0), mode
 
 
-def row_topk_torch(scores: torch.Tensor, k: int, *, largest: bool = True) -> torch.Tensor:
-    """The PyTorch path: each row's k-th score by ``topk`` of the smaller side (a partial
-    selection, not a sort), every score beyond it, and the first ties equal to it; the running
-    count that orders ties runs only on rows where the ties straddle the threshold."""
-    d_out, d_in = scores.shape
-    if k == 0:
-        return torch.zeros(d_out, d_in, dtype=torch.bool, device=scores.device)
-    if k == d_in:
-        return torch.ones(d_out, d_in, dtype=torch.bool, device=scores.device)
-    if k <= d_in - k + 1:
-        vals = scores.topk(k, dim=1, largest=largest, sorted=False).values
-    else:
-        vals = scores.topk(d_in - k + 1, dim=1, largest=not largest, sorted=False).values
-    kth = vals.amin(1, keepdim=True) if largest == (k <= d_in - k + 1) else vals.amax(1, True)
-    beyond = scores > kth if largest else scores < kth
-    eq = scores == kth
-    need = k - beyond.sum(1, keepdim=True)
-    selected = beyond | eq
-    straddle = (eq.sum(1, keepdim=True) > need).squeeze(1).nonzero().squeeze(1)
-    if straddle.numel():
-        ties = eq[straddle]
-        selected[straddle] = beyond[straddle] | (ties & (ties.cumsum(1) <= need[straddle]))
-    return selected
-
-
 def row_topk_ref(scores: torch.Tensor, k: int, *, largest: bool = True) -> torch.Tensor:
     """Reference: a stable sort of every row, the first k indices marked."""
     order = torch.sort(scores, dim=1, descending=largest, stable=True).indices
     mask = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
     return mask.scatter_(1, order[:, :k], True)
-
-
-def pack_bits(mask: torch.Tensor) -> torch.Tensor:
-    """(r, c) bool → (r, ⌈c/8⌉) uint8, column 8j+b in bit b of byte j (the kernels' layout)."""
-    r, c = mask.shape
-    padded = torch.zeros(r, (c + 7) // 8 * 8, dtype=torch.uint8, device=mask.device)
-    padded[:, :c] = mask
-    weights = 1 << torch.arange(8, device=mask.device, dtype=torch.uint8)
-    return (padded.view(r, -1, 8) * weights).sum(2, dtype=torch.uint8)

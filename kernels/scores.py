@@ -1,10 +1,14 @@
 """Importance scores and the selection primitive shared by every selection kernel.
 
 Scores (DESIGN.md), always in fp32, computed the same way by the Triton kernels, the PyTorch
-path and the references so that all three select bit-identical masks:
+path (``pyattr.ops.selection``) and the references so that all three select bit-identical
+masks. The kernels know one structural flag, not a method: the factor is read per column
+(``PER_ENTRY=False``, a (d_in,) vector) or per entry (``PER_ENTRY=True``, W's shape):
 
-    Wanda  S_ij = |W_ij| · norm_j,   norm_j = sqrt(s_j) rounded to fp32 once (``wanda_norms``)
-    SNIP   S_ij = |W_ij| · G_ij,     G = Σ_b |∂L_b/∂W| (any float dtype, read as fp32)
+    per column  S_ij = |W_ij| · |a_j|    Wanda: a = sqrt(s) rounded to fp32 once
+                                         (``wanda_norms``); magnitude: a = 1
+    per entry   S_ij = |W_ij| · |A_ij|   SNIP: A = Σ_b |∂L_b/∂W|; signed SNIP: A = |Σ_b ∂L_b/∂W|
+                                         (any float dtype, read as fp32)
 
 |W| is exact in fp32 for bf16/fp16/fp32 weights; the product is rounded once. The statistics
 enter as |a| (the same value for valid, non-negative statistics; a negative one is an error,
@@ -42,11 +46,11 @@ def scores_ref(
 
 @triton.jit
 def keys_from(
-    w, aux_ptr, rows, cols, valid, stride_aux, IS_SNIP: tl.constexpr, LARGEST: tl.constexpr
+    w, aux_ptr, rows, cols, valid, stride_aux, PER_ENTRY: tl.constexpr, LARGEST: tl.constexpr
 ):
-    """Score an already loaded fp32 W tile with the norm vector (Wanda) or G (SNIP); return the
+    """Score an already loaded fp32 W tile with the factor per column or per entry; return the
     int32 keys (-1 where not ``valid``, so never selected) and a NaN-or-negative flag."""
-    if IS_SNIP:
+    if PER_ENTRY:
         a = tl.load(aux_ptr + rows * stride_aux + cols, mask=valid, other=0.0).to(tl.float32)
     else:
         a = tl.load(aux_ptr + cols, mask=valid, other=0.0).to(tl.float32)
@@ -68,12 +72,12 @@ def score_keys(
     valid,
     stride_w,
     stride_aux,
-    IS_SNIP: tl.constexpr,
+    PER_ENTRY: tl.constexpr,
     LARGEST: tl.constexpr,
 ):
     """Load W at [rows, cols] and score it (``keys_from``)."""
     w = tl.load(w_ptr + rows * stride_w + cols, mask=valid, other=0.0).to(tl.float32)
-    return keys_from(w, aux_ptr, rows, cols, valid, stride_aux, IS_SNIP, LARGEST)
+    return keys_from(w, aux_ptr, rows, cols, valid, stride_aux, PER_ENTRY, LARGEST)
 
 
 @triton.jit

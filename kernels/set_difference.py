@@ -14,42 +14,15 @@ selections, writes M and one intersection count per program.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
 
-from .matrix_topk import matrix_threshold, matrix_topk_ref, matrix_topk_torch, write_selection
-from .row_topk import _launch_config, allocate_output, row_topk_ref, row_topk_torch
+from .matrix_topk import matrix_threshold, matrix_topk_ref, write_selection
+from .row_topk import _launch_config, allocate_output, row_topk_ref
 from .scores import keys_from, select_top, store_selection
 
-__all__ = [
-    "SetDifference",
-    "set_difference_ref",
-    "set_difference_torch",
-    "set_difference_triton",
-]
-
-
-@dataclass(frozen=True)
-class SetDifference:
-    """Sizes of the two top sets and of their intersection, for one weight matrix."""
-
-    size_q: int
-    size_p: int
-    intersection: int
-
-    @property
-    def jaccard(self) -> float:
-        """|P ∩ Q| / |P ∪ Q| (1.0 when both sets are empty)."""
-        union = self.size_p + self.size_q - self.intersection
-        return self.intersection / union if union else 1.0
-
-    @property
-    def size(self) -> int:
-        """|Q \\ P|: the number of entries in the mask."""
-        return self.size_q - self.intersection
+__all__ = ["set_difference_ref", "set_difference_triton"]
 
 
 @triton.jit
@@ -68,7 +41,7 @@ def _setdiff_row_kernel(
     stride_out,
     kq,
     kp,
-    IS_SNIP: tl.constexpr,
+    PER_ENTRY: tl.constexpr,
     OUT: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -78,8 +51,8 @@ def _setdiff_row_kernel(
     cols = tl.arange(0, BLOCK)[None, :]
     valid = (rows < n_rows) & (cols < n_cols)
     w = tl.load(w_ptr + rows * stride_w + cols, mask=valid, other=0.0).to(tl.float32)
-    key_q, bad_q = keys_from(w, aq_ptr, rows, cols, valid, stride_q, IS_SNIP, True)
-    key_p, bad_p = keys_from(w, ap_ptr, rows, cols, valid, stride_p, IS_SNIP, True)
+    key_q, bad_q = keys_from(w, aq_ptr, rows, cols, valid, stride_q, PER_ENTRY, True)
+    key_p, bad_p = keys_from(w, ap_ptr, rows, cols, valid, stride_p, PER_ENTRY, True)
     sel_q = select_top(key_q, kq, 1) & valid
     sel_p = select_top(key_p, kp, 1) & valid
     in_rows = row_ids < n_rows
@@ -103,11 +76,6 @@ def _setdiff_row_kernel(
     )
 
 
-def _counts(weight: torch.Tensor, kq: int, kp: int, per_row: bool, inter: int) -> SetDifference:
-    times = weight.shape[0] if per_row else 1
-    return SetDifference(size_q=kq * times, size_p=kp * times, intersection=inter)
-
-
 def set_difference_triton(
     weight: torch.Tensor,
     aux_q: torch.Tensor,
@@ -115,12 +83,13 @@ def set_difference_triton(
     kq: int,
     kp: int,
     *,
-    snip: bool,
+    per_entry: bool,
     per_row: bool = True,
     out: str = "bool",
-) -> tuple[torch.Tensor, SetDifference, int]:
-    """Launch; returns (output, counts, number of NaN/negative scores). ``kq``/``kp`` count per
-    row (``per_row``) or per matrix. With a bad score, the matrix form writes nothing."""
+) -> tuple[torch.Tensor, torch.Tensor, int | torch.Tensor]:
+    """Launch; returns (output, |P ∩ Q|, number of NaN/negative scores), the counts as scalars
+    or scalar tensors. ``kq``/``kp`` count per row (``per_row``) or per matrix. With a bad
+    score, the matrix form writes nothing."""
     d_out, d_in = weight.shape
     if per_row:
         result, target, stride_out, mode = allocate_output(weight, out)
@@ -137,43 +106,33 @@ def set_difference_triton(
             d_out,
             d_in,
             weight.stride(0),
-            aux_q.stride(0) if snip else 0,
-            aux_p.stride(0) if snip else 0,
+            aux_q.stride(0) if per_entry else 0,
+            aux_p.stride(0) if per_entry else 0,
             stride_out,
             kq,
             kp,
-            IS_SNIP=snip,
+            PER_ENTRY=per_entry,
             OUT=mode,
             ROWS=rows,
             BLOCK=block,
             num_warps=warps,
         )
-        return result, _counts(weight, kq, kp, True, int(inter.sum())), int(bad.sum())
-    th_q = matrix_threshold(weight, aux_q, kq, snip=snip)
-    th_p = matrix_threshold(weight, aux_p, kp, snip=snip)
+        return result, inter.sum(), bad.sum()
+    th_q = matrix_threshold(weight, aux_q, kq, per_entry=per_entry)
+    th_p = matrix_threshold(weight, aux_p, kp, per_entry=per_entry)
     if th_q.bad or th_p.bad:
         empty = torch.empty(0, dtype=torch.bool, device=weight.device)
-        return empty, _counts(weight, kq, kp, False, 0), th_q.bad + th_p.bad
+        return empty, 0, th_q.bad + th_p.bad
     result, inter = write_selection(
-        weight, [aux_q, aux_p], [th_q, th_p], snip=snip, largest=True, out=out
+        weight, [aux_q, aux_p], [th_q, th_p], per_entry=per_entry, largest=True, out=out
     )
-    return result, _counts(weight, kq, kp, False, int(inter.sum())), 0
-
-
-def set_difference_torch(
-    scores_q: torch.Tensor, scores_p: torch.Tensor, kq: int, kp: int, *, per_row: bool = True
-) -> tuple[torch.Tensor, SetDifference]:
-    """The PyTorch path: the two selections of ``row_topk_torch``/``matrix_topk_torch``."""
-    select = row_topk_torch if per_row else matrix_topk_torch
-    q, p = select(scores_q, kq), select(scores_p, kp)
-    inter = int((q & p).sum())
-    return q & ~p, _counts(scores_q, kq, kp, per_row, inter)
+    return result, inter.sum(), 0
 
 
 def set_difference_ref(
     scores_q: torch.Tensor, scores_p: torch.Tensor, kq: int, kp: int, *, per_row: bool = True
-) -> tuple[torch.Tensor, SetDifference]:
-    """Reference: the two stable-sort selections and plain set operations."""
+) -> tuple[torch.Tensor, int]:
+    """Reference: the two stable-sort selections and plain set operations; (mask, |P ∩ Q|)."""
     select = row_topk_ref if per_row else matrix_topk_ref
     q, p = select(scores_q, kq), select(scores_p, kp)
-    return q & ~p, _counts(scores_q, kq, kp, per_row, int((q & p).sum()))
+    return q & ~p, int((q & p).sum())

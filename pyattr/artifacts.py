@@ -26,8 +26,8 @@ from torch import nn
 from .calibrate import Stats
 from .covariance import CovarianceStats
 from .data import Example
-from .kernels.row_topk import pack_bits
 from .models import LinearLayer, find_linear_layers
+from .ops.selection import pack_bits
 
 __all__ = [
     "Mask",

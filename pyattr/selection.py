@@ -13,15 +13,13 @@ the same mask. Outputs: ``"bool"`` (W's shape), ``"packed"`` (uint8, (d_out, ⌈
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from fractions import Fraction
 from typing import Literal
 
 import torch
 
-from . import ops
-from .kernels.row_topk import pack_bits
-from .kernels.scores import scores_ref, wanda_norms
-from .kernels.set_difference import SetDifference
+from . import ops  # noqa: F401  (registers the torch.ops.pyattr selection operators)
 
 __all__ = [
     "SetDifference",
@@ -35,6 +33,26 @@ __all__ = [
 Output = Literal["bool", "packed", "zero"]
 Granularity = Literal["row", "matrix"]
 _WEIGHT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+@dataclass(frozen=True)
+class SetDifference:
+    """Sizes of the two top sets and of their intersection, for one weight matrix."""
+
+    size_q: int
+    size_p: int
+    intersection: int
+
+    @property
+    def jaccard(self) -> float:
+        """|P ∩ Q| / |P ∪ Q| (1.0 when both sets are empty)."""
+        union = self.size_p + self.size_q - self.intersection
+        return self.intersection / union if union else 1.0
+
+    @property
+    def size(self) -> int:
+        """|Q \\ P|: the number of entries in the mask."""
+        return self.size_q - self.intersection
 
 
 def count_for(fraction: float, n: int, name: str = "fraction") -> int:
@@ -60,8 +78,9 @@ def _check_weight(weight: torch.Tensor) -> None:
         raise ValueError(f"weight must have unit stride along d_in, got strides {weight.stride()}")
 
 
-def _statistics(weight: torch.Tensor, stats: torch.Tensor, name: str) -> tuple[torch.Tensor, bool]:
-    """(what the kernels read, is_snip): Wanda norms (d_in,) fp32, or G as given."""
+def _statistics(weight: torch.Tensor, stats: torch.Tensor, name: str) -> torch.Tensor:
+    """The factor the operators read: √s (d_in,) fp32 from Wanda's s, or G (W's shape) as
+    given, after the checks that name what is wrong."""
     if not isinstance(stats, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(stats).__name__}")
     if stats.device != weight.device:
@@ -80,15 +99,13 @@ def _statistics(weight: torch.Tensor, stats: torch.Tensor, name: str) -> tuple[t
                 f"{name} has {int(bad.sum())} NaN, Inf or negative entries "
                 f"(first at feature {int(bad.nonzero()[0])}): squared norms are finite and >= 0"
             )
-        return wanda_norms(stats), False
+        return stats.to(torch.float32).sqrt()
     if stats.shape != weight.shape:
         raise ValueError(
             f"{name} must be Wanda norms (d_in,) = ({d_in},) or SNIP |grad| sums with the "
             f"weight's shape {tuple(weight.shape)}, got {tuple(stats.shape)}"
         )
-    if stats.stride(1) != 1:
-        stats = stats.contiguous()
-    return stats, True
+    return stats if stats.stride(1) == 1 else stats.contiguous()
 
 
 def _per_row(granularity: str) -> bool:
@@ -102,16 +119,6 @@ def _check_output(output: str) -> None:
         raise ValueError(f"output must be 'bool', 'packed' or 'zero', got {output!r}")
 
 
-def _precheck_in_place(weight: torch.Tensor, auxes: list[torch.Tensor], snip: bool) -> None:
-    """Before a one-pass kernel zeroes W in place: NaN in W or G (or a negative G) is found
-    here, at the cost of one extra read, so that an error never leaves W half edited. (The
-    matrix-wide kernels check in their first pass, before anything is written.)"""
-    bad = int(torch.isnan(weight).sum())
-    if snip:
-        bad += sum(int((~(aux >= 0)).sum()) for aux in auxes)
-    _raise_bad(bad, "the statistics")
-
-
 def _raise_bad(count: int, names: str) -> None:
     if count:
         raise ValueError(
@@ -120,44 +127,29 @@ def _raise_bad(count: int, names: str) -> None:
         )
 
 
-def _finish(mask: torch.Tensor, weight: torch.Tensor, output: str) -> torch.Tensor:
-    """Turn a bool mask from the PyTorch path into the requested output."""
-    if output == "bool":
-        return mask
-    if output == "packed":
-        return pack_bits(mask)
+def _run(op: str, weight: torch.Tensor, factors: list, ints: tuple, output: str, names: str):
+    """Call ``torch.ops.pyattr.<op>`` (or its in-place twin), raise on bad scores; returns
+    (output, |P ∩ Q| or None)."""
     with torch.no_grad():
-        return weight.masked_fill_(mask, 0)
-
-
-def _scores_checked(weight, aux, snip, names) -> torch.Tensor:
-    """Scores for the PyTorch path, after the checks the kernels make in their first pass."""
-    bad = int((~(aux >= 0)).sum()) if snip else 0
-    scores = scores_ref(weight, grad_abs=aux) if snip else scores_ref(weight, norms=aux)
-    _raise_bad(bad + int(torch.isnan(scores).sum()), names)
-    return scores
+        if output == "zero":
+            counts = getattr(torch.ops.pyattr, f"{op}_zero_")(weight, *factors, *ints)
+            result = weight
+        else:
+            counts = getattr(torch.ops.pyattr, op)(weight, *factors, *ints, output == "packed")
+            result, counts = counts[0], counts[1:]
+    counts = counts if isinstance(counts, tuple) else (counts,)
+    _raise_bad(int(counts[-1]), names)
+    return result, (int(counts[0]) if len(counts) == 2 else None)
 
 
 def _topk(weight, stats, name, fraction, largest, granularity, output):
-    from .kernels import matrix_topk, row_topk
-
     _check_weight(weight)
-    aux, snip = _statistics(weight, stats, name)
+    factor = _statistics(weight, stats, name)
     _check_output(output)
     per_row = _per_row(granularity)
     k = count_for(fraction, weight.shape[1] if per_row else weight.numel())
-    backend = ops.selection_backend(weight, per_row=per_row)
-    if backend == "triton":
-        if output == "zero" and per_row:
-            _precheck_in_place(weight, [aux], snip)
-        launch = row_topk.row_topk_triton if per_row else matrix_topk.matrix_topk_triton
-        with torch.no_grad():
-            result, bad = launch(weight, aux, k, snip=snip, largest=largest, out=output)
-        _raise_bad(bad, name)
-        return result
-    scores = _scores_checked(weight, aux, snip, name)
-    select = row_topk.row_topk_torch if per_row else matrix_topk.matrix_topk_torch
-    return _finish(select(scores, k, largest=largest), weight, output)
+    op = "row_topk" if per_row else "matrix_topk"
+    return _run(op, weight, [factor], (k, largest), output, name)[0]
 
 
 def wanda_mask(
@@ -216,10 +208,8 @@ def nm_mask(
     smallest) score. 2:4 pruning (Wanda's semi-structured mode) zeroes
     ``nm_mask(w, s, n=2, m=4, largest=False, output="zero")``. ``stats`` as in
     ``matrix_topk_mask``; ``m`` a power of two dividing d_in."""
-    from .kernels import nm
-
     _check_weight(weight)
-    aux, snip = _statistics(weight, stats, "stats")
+    factor = _statistics(weight, stats, "stats")
     _check_output(output)
     if not (isinstance(m, int) and m >= 1 and m & (m - 1) == 0 and m <= 1024):
         raise ValueError(f"m must be a power of two in [1, 1024], got {m!r}")
@@ -227,15 +217,7 @@ def nm_mask(
         raise ValueError(f"n must be an int in [0, m={m}], got {n!r}")
     if weight.shape[1] % m:
         raise ValueError(f"d_in={weight.shape[1]} is not a multiple of m={m}")
-    if ops.selection_backend(weight, per_row=False) == "triton":
-        if output == "zero":
-            _precheck_in_place(weight, [aux], snip)
-        with torch.no_grad():
-            result, bad = nm.nm_triton(weight, aux, n, m, snip=snip, largest=largest, out=output)
-        _raise_bad(bad, "stats")
-        return result
-    scores = _scores_checked(weight, aux, snip, "stats")
-    return _finish(nm.nm_torch(scores, n, m, largest=largest), weight, output)
+    return _run("nm", weight, [factor], (n, m, largest), output, "stats")[0]
 
 
 def set_difference_mask(
@@ -255,27 +237,17 @@ def set_difference_mask(
     both SNIP grad_abs (W's shape). granularity: ``"row"`` (the paper: tops taken per output
     row) or ``"matrix"`` (the released code's option).
     """
-    from .kernels import set_difference as sd
-
     _check_weight(weight)
-    aux_q, snip_q = _statistics(weight, safety, "safety")
-    aux_p, snip_p = _statistics(weight, utility, "utility")
-    if snip_q != snip_p:
+    factor_q = _statistics(weight, safety, "safety")
+    factor_p = _statistics(weight, utility, "utility")
+    if factor_q.dim() != factor_p.dim():
         raise ValueError("safety and utility must both be Wanda norms or both SNIP |grad| sums")
     _check_output(output)
     per_row = _per_row(granularity)
     n = weight.shape[1] if per_row else weight.numel()
     kq, kp = count_for(q, n, "q"), count_for(p, n, "p")
-    if ops.selection_backend(weight, per_row=per_row) == "triton":
-        if output == "zero" and per_row:
-            _precheck_in_place(weight, [aux_q, aux_p], snip_q)
-        with torch.no_grad():
-            result, counts, bad = sd.set_difference_triton(
-                weight, aux_q, aux_p, kq, kp, snip=snip_q, per_row=per_row, out=output
-            )
-        _raise_bad(bad, "safety/utility")
-        return result, counts
-    sq = _scores_checked(weight, aux_q, snip_q, "safety")
-    sp = _scores_checked(weight, aux_p, snip_p, "utility")
-    mask, counts = sd.set_difference_torch(sq, sp, kq, kp, per_row=per_row)
-    return _finish(mask, weight, output), counts
+    result, inter = _run(
+        "set_difference", weight, [factor_q, factor_p], (kq, kp, per_row), output, "safety/utility"
+    )
+    times = weight.shape[0] if per_row else 1
+    return result, SetDifference(size_q=kq * times, size_p=kp * times, intersection=inter)

@@ -10,13 +10,14 @@ import torch
 from conftest import DEVICES
 from pyattr.kernels.matrix_topk import matrix_topk_ref
 from pyattr.kernels.nm import nm_ref
-from pyattr.kernels.row_topk import pack_bits, row_topk_ref
+from pyattr.kernels.row_topk import row_topk_ref
 from pyattr.kernels.scores import scores_ref, wanda_norms
 from pyattr.kernels.set_difference import set_difference_ref
 
 import pyattr
 from pyattr import ops
-from pyattr.selection import count_for
+from pyattr.ops.selection import pack_bits
+from pyattr.selection import SetDifference, count_for
 
 SHAPES = [(5, 123), (17, 45), (3, 1), (33, 7)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -155,11 +156,11 @@ def test_set_difference(backend, shape, snip, granularity, gen):
         mask, counts = pyattr.set_difference_mask(
             w, safety, utility, q=q, p=p, granularity=granularity
         )
-        ref, ref_counts = set_difference_ref(
-            sq, sp, count_for(q, n), count_for(p, n), per_row=per_row
-        )
+        kq, kp = count_for(q, n), count_for(p, n)
+        ref, ref_inter = set_difference_ref(sq, sp, kq, kp, per_row=per_row)
         assert torch.equal(mask, ref), (q, p)
-        assert counts == ref_counts
+        rows = shape[0] if per_row else 1
+        assert counts == SetDifference(size_q=kq * rows, size_p=kp * rows, intersection=ref_inter)
         assert counts.size == int(mask.sum())
         union = counts.size_p + counts.size_q - counts.intersection
         assert counts.jaccard == (counts.intersection / union if union else 1.0)
@@ -356,3 +357,91 @@ def test_counts_are_exact_on_real_shapes_for_every_three_decimal_fraction():
     assert count_for(0.29, 100) == 29 and count_for(1, 7) == 7 and count_for(0, 7) == 0
     with pytest.raises(ValueError, match=r"in \[0, 1\], got nan"):
         count_for(float("nan"), 10)
+
+
+def _op_cases(gen, dtype):
+    """(op, arguments) for every selection operator on ragged shapes, fresh tensors each."""
+    w, norms = make(gen, (7, 24), dtype, snip=False)
+    _, grads = make(gen, (7, 24), dtype, snip=True)
+    factor = norms.sqrt()
+    ops_ = torch.ops.pyattr
+    return [
+        (ops_.row_topk, (w, factor, 5, True, False)),
+        (ops_.row_topk, (w, grads, 0, False, True)),
+        (ops_.matrix_topk, (w, grads, 31, True, True)),
+        (ops_.matrix_topk, (w, factor, 7 * 24, False, False)),
+        (ops_.nm, (w, factor, 2, 4, False, False)),
+        (ops_.set_difference, (w, grads, grads * 0.5, 9, 4, True, True)),
+        (ops_.set_difference, (w, factor, factor.flip(0), 50, 20, False, False)),
+        (ops_.row_topk_zero_, (w.clone(), factor, 5, True)),
+        (ops_.matrix_topk_zero_, (w.clone(), grads, 31, False)),
+        (ops_.nm_zero_, (w.clone(), grads, 1, 8, True)),
+        (ops_.set_difference_zero_, (w.clone(), factor, factor.flip(0), 9, 4, True)),
+    ]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_selection_ops_pass_opcheck(backend, dtype, gen):
+    """The selection operators are torch custom ops: schemas, mutation annotations and fake
+    kernels agree with what the real kernels do, on both backends."""
+    for op, args in _op_cases(gen, dtype):
+        torch.library.opcheck(op.default, args)
+
+
+def test_selection_op_compiles_without_graph_break(gen):
+    """A function calling the operators compiles whole (fake kernels give the output shapes)
+    and returns what the eager call returns."""
+    w, grads = make(gen, (9, 40), torch.float32, snip=True)
+
+    def region(w, a, b):
+        mask, inter, bad = torch.ops.pyattr.set_difference(w, a, b, 10, 6, True, False)
+        packed, _ = torch.ops.pyattr.row_topk(w, a, 10, True, True)
+        return mask, inter, bad, packed
+
+    compiled = torch.compile(region, fullgraph=True, backend="aot_eager")
+    got, want = compiled(w, grads, grads.flip(1)), region(w, grads, grads.flip(1))
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)
+    assert got[0].dtype == torch.bool and got[3].shape == (9, 5)
+
+
+def test_selection_op_reports_bad_scores_and_writes_nothing(backend):
+    """Called through torch.ops directly, a NaN score comes back as a count, W untouched."""
+    w = torch.tensor([[1.0, float("nan"), 3.0, 4.0], [1.0, 2.0, 3.0, 4.0]])
+    before = w.clone()
+    bad = torch.ops.pyattr.row_topk_zero_(w, torch.ones(4), 2, True)
+    assert int(bad) == 1 and torch.equal(w.nan_to_num(), before.nan_to_num())
+    _, bad = torch.ops.pyattr.matrix_topk(w, torch.ones(4), 3, True, False)
+    assert int(bad) == 1
+
+
+def test_import_without_triton(tmp_path):
+    """Where Triton is not installed, pyattr and every subpackage import, the CPU selection ops
+    run, and nothing imports Triton."""
+    script = tmp_path / "no_triton.py"
+    script.write_text(
+        "import importlib.abc, sys\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'triton' or name.startswith('triton.'):\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import importlib.util\n"
+        "importlib.util.find_spec = (lambda f: lambda n, *a: None if n == 'triton' else f(n, *a))"
+        "(importlib.util.find_spec)\n"
+        "import torch, pyattr, pyattr.evaluate, pyattr.toy, pyattr.cli, pyattr.sweep\n"
+        "w = torch.randn(6, 20)\n"
+        "s = torch.rand(20)\n"
+        "m = pyattr.wanda_mask(w, s, fraction=0.3)\n"
+        "m2, c = pyattr.set_difference_mask(w, s, s.flip(0), q=0.3, p=0.2, granularity='matrix')\n"
+        "pyattr.nm_mask(w, s, n=2, m=4)\n"
+        "assert int(m.sum()) == 6 * 6 and c.size_q == 36\n"
+        "assert 'triton' not in sys.modules, 'triton was imported'\n"
+        "print(pyattr.ops.backends()['selection[cuda]'])\n"
+    )
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "Triton is not installed" in run.stdout

@@ -4,7 +4,7 @@ Fast safety attribution by pruning and low-rank modification (Wei et al., ICML 2
 Hugging Face decoder model. See README.md for the workflow.
 """
 
-from . import ops
+from . import ops, scoring
 from .artifacts import Mask, load_mask, load_stats, prune, restore, save_mask, save_stats
 from .calibrate import Stats, calibrate
 from .covariance import CovarianceStats, NonFiniteActivationError, StreamingCovariance
@@ -25,6 +25,7 @@ from .selection import (
     nm_mask,
     set_difference_mask,
     snip_mask,
+    topk_mask,
     wanda_mask,
 )
 
@@ -58,8 +59,10 @@ __all__ = [
     "save_eigenbases",
     "save_mask",
     "save_stats",
+    "scoring",
     "set_difference_mask",
     "snip_mask",
     "subspace_similarity",
+    "topk_mask",
     "wanda_mask",
 ]

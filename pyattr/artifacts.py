@@ -180,6 +180,8 @@ def save_stats(
         counts[key] = group.n
     for name, g in stats.grad_abs.items():
         tensors[f"grad_abs/{name}"] = g
+    for name, g in stats.grad_sum.items():
+        tensors[f"grad_sum/{name}"] = g
     shapes = {name: list(shape) for name, shape in stats.shapes.items()}
     meta = {
         "format": _STATS_FORMAT,
@@ -209,12 +211,16 @@ def load_stats(path: str | Path, *, model: nn.Module | None = None) -> Stats:
         )
         for key, n in counts.items()
     }
-    grads = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("grad_abs/")}
+
+    def grads(kind: str) -> dict[str, torch.Tensor]:
+        return {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith(f"{kind}/")}
+
     return Stats(
         groups=groups,
         layer_group=layer_group,
         shapes=shapes,
-        grad_abs=grads,
+        grad_abs=grads("grad_abs"),
+        grad_sum=grads("grad_sum"),
         samples=int(meta["samples"]),
         tokens=int(meta["tokens"]),
     )

@@ -32,7 +32,9 @@ _log = logging.getLogger("pyattr")
 
 __all__ = ["Stats", "calibrate"]
 
-_COLLECT = ("norms", "covariance", "snip")
+_COLLECT = ("norms", "covariance", "snip", "grad_sum")
+# The statistics folded from per-sample gradients: both come out of the same backward passes.
+GRADIENT_STATISTICS = ("snip", "grad_sum")
 
 
 @dataclass
@@ -41,14 +43,15 @@ class Stats:
 
     groups: per input group (keyed by the group's first layer), the accumulated n, Σx² and
     optionally Σxxᵀ. layer_group: layer name → group key. shapes: layer name → (d_out, d_in).
-    grad_abs: layer name → Σ_b |∂L_b/∂W| as (d_out, d_in) fp32 (SNIP). samples/tokens: what
-    was counted.
+    grad_abs: layer name → Σ_b |∂L_b/∂W| as (d_out, d_in) fp32 (SNIP). grad_sum: layer name →
+    Σ_b ∂L_b/∂W, the signed sum (signed SNIP). samples/tokens: what was counted.
     """
 
     groups: dict[str, CovarianceStats]
     layer_group: dict[str, str]
     shapes: dict[str, tuple[int, int]]
     grad_abs: dict[str, torch.Tensor] = field(default_factory=dict)
+    grad_sum: dict[str, torch.Tensor] = field(default_factory=dict)
     samples: int = 0
     tokens: int = 0
 
@@ -80,6 +83,14 @@ class Stats:
                 f"no SNIP statistics for {layer!r}: calibrate(..., collect=(..., 'snip'))"
             )
         return self.grad_abs[layer]
+
+    def signed_grad(self, layer: str) -> torch.Tensor:
+        """Σ_b ∂L_b/∂W (d_out, d_in) for the layer: the gradient of the summed loss."""
+        if layer not in self.grad_sum:
+            raise ValueError(
+                f"no summed gradients for {layer!r}: calibrate(..., collect=(..., 'grad_sum'))"
+            )
+        return self.grad_sum[layer]
 
 
 def _progress(total: int, enabled: bool):
@@ -144,7 +155,8 @@ def calibrate(
     ``prompt``/``response`` columns; call ``load_pairs`` yourself for others).
 
     collect: any of "norms" (n and Σx², always kept), "covariance" (Σxxᵀ per input group),
-    "snip" (Σ|∂L_b/∂W|, one backward per sample). layers: defaults to every linear layer in the
+    "snip" (Σ|∂L_b/∂W|, one backward per sample), "grad_sum" (Σ ∂L_b/∂W, signed, from the same
+    backward passes). layers: defaults to every linear layer in the
     decoder blocks. max_length: defaults to the model's context length.
     distributed: with torch.distributed initialised (``None`` uses it when it is), each rank
     calibrates ``examples[rank::world_size]`` and one all-reduce sums the statistics, so every
@@ -168,7 +180,7 @@ def calibrate(
     unknown = [c for c in collect if c not in _COLLECT]
     if unknown:
         raise ValueError(f"collect must be among {_COLLECT}, got {unknown}")
-    snip = "snip" in collect
+    snip = any(c in collect for c in GRADIENT_STATISTICS)
     if layerwise and snip:
         raise ValueError(
             "SNIP needs a backward pass through the whole model, which layerwise mode does not "
@@ -228,16 +240,17 @@ def calibrate(
         if bar is not None:
             bar.close()
         model.train(was_training)
-    results, grad_abs = run.results, run.grad_abs
+    results, grads = run.results, run.grads
     samples = len(encoded)
     tokens = sum(int(e.counted.sum()) for e in encoded)
     if distributed:
-        results, grad_abs, samples, tokens = _all_reduce(results, grad_abs, samples, tokens)
+        results, samples, tokens = _all_reduce(results, grads, samples, tokens)
     return Stats(
         groups={g[0].name: results[g[0].name] for g in groups},
         layer_group=layer_group,
         shapes={layer.name: (layer.d_out, layer.d_in) for layer in layers},
-        grad_abs={layer.name: grad_abs[layer.name] for layer in layers if layer.name in grad_abs},
+        grad_abs={n: g for n, g in grads["snip"].items() if n in layer_group},
+        grad_sum={n: g for n, g in grads["grad_sum"].items() if n in layer_group},
         samples=samples,
         tokens=tokens,
     )
@@ -268,7 +281,8 @@ class _Run:
         self.exec_device = exec_device
         self.batches = batches
         self.results: dict[str, CovarianceStats] = {}
-        self.grad_abs: dict[str, torch.Tensor] = {}
+        # statistic ("snip" or "grad_sum") → layer name → accumulated gradients
+        self.grads: dict[str, dict[str, torch.Tensor]] = {k: {} for k in GRADIENT_STATISTICS}
         self.current: dict[str, torch.Tensor] = {}
         self.tokens_run = 0
         self.start = time.perf_counter()
@@ -320,7 +334,8 @@ class _Run:
         snip_layers = [self.layers[i.key] for i in items if i.kind == "snip"]
         saved_requires_grad: dict = {}
         if snip_layers:
-            handles += _snip_hooks(self.model, snip_layers, self.grad_abs, saved_requires_grad)
+            wanted = {k: v for k, v in self.grads.items() if k in self.collect}
+            handles += _snip_hooks(self.model, snip_layers, wanted, saved_requires_grad)
         device = input_device(self.model)
         try:
             for ids, attention, counted in self.batches:
@@ -341,8 +356,10 @@ class _Run:
             for param, flag in saved_requires_grad.items():
                 param.requires_grad_(flag)
         if offload:
-            for layer in snip_layers:
-                self.grad_abs[layer.name] = self.grad_abs[layer.name].cpu()
+            for sums in self.grads.values():
+                for layer in snip_layers:
+                    if layer.name in sums:
+                        sums[layer.name] = sums[layer.name].cpu()
         self._finish(accs, offload)
 
     def layerwise(self, plan: Plan, bar) -> None:
@@ -374,7 +391,7 @@ class _Run:
             self._finish(accs, offload=True)
 
 
-def _all_reduce(results, grad_abs, samples, tokens):
+def _all_reduce(results, grads, samples, tokens):
     """Sum every rank's statistics (they are plain sums) with torch.distributed. NCCL reduces
     CUDA tensors only: statistics that wait on the CPU (several passes, layerwise mode) go
     through the GPU and come back."""
@@ -400,11 +417,12 @@ def _all_reduce(results, grad_abs, samples, tokens):
         merged[key] = CovarianceStats(
             n=int(counts.item()), sum_sq=res.sum_sq, covariance=res.covariance
         )
-    for g in grad_abs.values():
-        reduce_(g)
+    for sums in grads.values():
+        for g in sums.values():
+            reduce_(g)
     totals = torch.tensor([samples, tokens], dtype=torch.float64)
     reduce_(totals)
-    return merged, grad_abs, int(totals[0].item()), int(totals[1].item())
+    return merged, int(totals[0].item()), int(totals[1].item())
 
 
 def _batches(encoded: list[Encoded], size: int):
@@ -427,8 +445,9 @@ def _collate(batch: list[Encoded], pad_id: int):
     return ids, attention, counted
 
 
-def _snip_hooks(model, layers, grad_abs, saved_requires_grad):
-    """Gradients only for the layers' weights; each folded into |grad| sums, then freed."""
+def _snip_hooks(model, layers, sums, saved_requires_grad):
+    """Gradients only for the layers' weights; each folded into the sums asked for (``sums``:
+    "snip" → Σ|grad|, "grad_sum" → Σ grad, each a dict by layer name), then freed."""
     wanted = {id(layer.module.weight) for layer in layers}
     for param in model.parameters():
         saved_requires_grad[param] = param.requires_grad
@@ -436,13 +455,17 @@ def _snip_hooks(model, layers, grad_abs, saved_requires_grad):
     handles = []
     for layer in layers:
         weight = layer.module.weight
-        grad_abs[layer.name] = torch.zeros(
-            layer.d_out, layer.d_in, dtype=torch.float32, device=weight.device
-        )
+        for acc in sums.values():
+            acc[layer.name] = torch.zeros(
+                layer.d_out, layer.d_in, dtype=torch.float32, device=weight.device
+            )
 
         def fold(param, name=layer.name, transposed=layer.transposed):
-            g = param.grad.abs()
-            grad_abs[name] += (g.T if transposed else g).to(torch.float32)
+            g = param.grad.T if transposed else param.grad
+            if "snip" in sums:
+                sums["snip"][name] += g.abs().to(torch.float32)
+            if "grad_sum" in sums:
+                sums["grad_sum"][name] += g.to(torch.float32)
             param.grad = None
 
         handles.append(weight.register_post_accumulate_grad_hook(fold))

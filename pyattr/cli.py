@@ -127,10 +127,15 @@ def _calibrate(args) -> int:
 
 def _mask(args) -> int:
     import pyattr
+    from pyattr import scoring
     from pyattr.masks import region
 
+    if args.safety is None and scoring.get(args.method).collect is not None:
+        raise SystemExit(f"pyattr: --method {args.method} needs --safety statistics")
     model, _ = load_model(args.model, args.dtype)
-    safety = pyattr.load_stats(_need(args.safety, "statistics", "calibrate"), model=model)
+    safety = None
+    if args.safety is not None:
+        safety = pyattr.load_stats(_need(args.safety, "statistics", "calibrate"), model=model)
     utility = None
     if args.utility is not None:
         utility = pyattr.load_stats(_need(args.utility, "statistics", "calibrate"), model=model)
@@ -471,6 +476,16 @@ def _report(args) -> int:
     return 0
 
 
+def _method_argument(parser) -> None:
+    """``--method``, its choices and their meaning from the score registry."""
+    from pyattr import scoring
+
+    meaning = "; ".join(f"{n}: {scoring.get(n).summary}" for n in scoring.names())
+    parser.add_argument(
+        "--method", choices=scoring.names(), default="wanda", help=f"importance score ({meaning})"
+    )
+
+
 def _judge_argument(parser) -> None:
     parser.add_argument(
         "--judge",
@@ -504,7 +519,9 @@ def add_commands(commands) -> None:
         "--collect",
         nargs="+",
         default=["norms", "covariance"],
-        choices=["norms", "covariance", "snip"],
+        choices=["norms", "covariance", "snip", "grad_sum"],
+        help="statistics to gather: norms (wanda), covariance (ActSVD), snip (Σ|∂L_b/∂W|), "
+        "grad_sum (Σ∂L_b/∂W, for snip_signed)",
     )
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--max-length", type=int)
@@ -512,9 +529,11 @@ def add_commands(commands) -> None:
     p.set_defaults(run=_calibrate)
 
     p = commands.add_parser("mask", parents=[common], help="a region from statistics")
-    p.add_argument("--safety", required=True, help="statistics from `pyattr calibrate`")
+    p.add_argument(
+        "--safety", help="statistics from `pyattr calibrate` (not for --method magnitude)"
+    )
     p.add_argument("--utility", help="utility statistics: the set difference")
-    p.add_argument("--method", choices=["wanda", "snip"], default="wanda")
+    _method_argument(p)
     p.add_argument("--q", type=float, required=True, help="top fraction for safety")
     p.add_argument("--p", type=float, help="top fraction for utility (with --utility)")
     p.add_argument("--granularity", choices=["row", "matrix"], default="row")
@@ -584,7 +603,7 @@ def add_commands(commands) -> None:
     p = commands.add_parser("analyze", parents=[common], help="overlap tables and heat maps")
     p.add_argument("--safety", required=True)
     p.add_argument("--utility", required=True)
-    p.add_argument("--method", choices=["wanda", "snip"], default="wanda")
+    _method_argument(p)
     p.add_argument("--q", type=float, default=0.05)
     p.add_argument("--p", type=float, default=0.05)
     p.add_argument("--r-u", help="ranks for the subspace similarity (needs covariance)")
@@ -602,7 +621,7 @@ def add_commands(commands) -> None:
     )
     p.add_argument("--safety", required=True, help="safety statistics (`pyattr calibrate`)")
     p.add_argument("--utility", required=True, help="utility statistics")
-    p.add_argument("--method", choices=["wanda", "snip"], default="wanda")
+    _method_argument(p)
     p.add_argument("--top", nargs="+", type=float, help="top-q safety fractions")
     p.add_argument("--set-difference", nargs="+", help="p,q pairs, e.g. 0.02,0.02 0.05,0.05")
     p.add_argument("--actsvd", nargs="+", help="top safety ranks to remove")

@@ -14,22 +14,13 @@ from typing import Literal
 import torch
 from torch import nn
 
+from . import scoring
 from .artifacts import Mask
 from .calibrate import Stats
 from .models import LinearLayer, find_linear_layers
-from .selection import SetDifference, set_difference_mask, snip_mask, wanda_mask
+from .selection import SetDifference, set_difference_mask, topk_mask
 
 __all__ = ["random_like", "region"]
-
-Method = Literal["wanda", "snip"]
-
-
-def _statistic(stats: Stats, name: str, method: Method) -> torch.Tensor:
-    if method == "wanda":
-        return stats.sq_norms(name)
-    if method == "snip":
-        return stats.grad(name)
-    raise ValueError(f"method must be 'wanda' or 'snip', got {method!r}")
 
 
 def _weight(layer: LinearLayer) -> torch.Tensor:
@@ -39,10 +30,10 @@ def _weight(layer: LinearLayer) -> torch.Tensor:
 
 def region(
     model: nn.Module,
-    safety: Stats,
+    safety: Stats | None,
     utility: Stats | None = None,
     *,
-    method: Method = "wanda",
+    method: str = "wanda",
     q: float,
     p: float | None = None,
     granularity: Literal["row", "matrix"] = "row",
@@ -53,20 +44,25 @@ def region(
 
     With ``utility`` and ``p``: the set difference top_q(safety) \\ top_p(utility) (the paper's
     safety-critical region). Without: the top-q safety entries (``largest=False``: the bottom
-    q). The second value is empty unless a set difference was taken.
+    q). The second value is empty unless a set difference was taken. ``method``: any name in
+    ``pyattr.scoring.names()`` ("wanda", "snip", "snip_signed", "magnitude", ...); a method
+    that needs no data ("magnitude") takes ``safety=None``.
     """
     if (utility is None) != (p is None):
         raise ValueError("give both utility and p for a set difference, or neither")
+    scoring.get(method)
     layers = list(layers) if layers is not None else find_linear_layers(model)
     masks, counts = {}, {}
     for layer in layers:
         w = _weight(layer)
-        s = _statistic(safety, layer.name, method).to(w.device)
+        shape = (layer.d_out, layer.d_in)
+        s = scoring.statistic(method, safety, layer.name, shape).to(w.device)
         if utility is None:
-            select = wanda_mask if method == "wanda" else snip_mask
-            masks[layer.name] = select(w, s, fraction=q, largest=largest, granularity=granularity)
+            masks[layer.name] = topk_mask(
+                w, s, fraction=q, largest=largest, granularity=granularity
+            )
         else:
-            u = _statistic(utility, layer.name, method).to(w.device)
+            u = scoring.statistic(method, utility, layer.name, shape).to(w.device)
             masks[layer.name], counts[layer.name] = set_difference_mask(
                 w, s, u, q=q, p=p, granularity=granularity
             )

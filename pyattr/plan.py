@@ -2,11 +2,11 @@
 layers into passes when they do not fit (DESIGN.md, "Scale").
 
 What is counted is what calibration keeps resident: per input group Σx² (float64) and, with
-"covariance", Σxxᵀ (d_in² in the accumulate dtype); per layer, with "snip", Σ|∂L/∂W| (fp32,
-d_out × d_in). The model itself, activations and transient gradients are not counted: the
-budget is for the statistics. Items are packed greedily in module order, so a pass covers a
-contiguous range of blocks; with ``layerwise=True`` a pass never spans two blocks (one block is
-resident at a time).
+"covariance", Σxxᵀ (d_in² in the accumulate dtype); per layer, with "snip" and "grad_sum",
+Σ|∂L/∂W| and Σ∂L/∂W (fp32, d_out × d_in each). The model itself, activations and transient
+gradients are not counted: the budget is for the statistics. Items are packed greedily in module
+order, so a pass covers a contiguous range of blocks; with ``layerwise=True`` a pass never spans
+two blocks (one block is resident at a time).
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def format_bytes(size: float) -> str:
 @dataclass(frozen=True)
 class Item:
     """One accumulator: an input group's statistics (``kind="group"``, keyed by the group's
-    first layer) or one layer's SNIP sum (``kind="snip"``)."""
+    first layer) or one layer's gradient sums (``kind="snip"``: Σ|∂L/∂W|, Σ∂L/∂W or both)."""
 
     kind: str
     key: str
@@ -153,10 +153,11 @@ def items_for(
         size = d * 8 + (d * d * width if "covariance" in collect else 0)
         where = device if device is not None else home_device(group[0])
         items.append(Item("group", group[0].name, group[0].block, str(where), size))
-    if "snip" in collect:
+    gradient_sums = sum(c in collect for c in ("snip", "grad_sum"))
+    if gradient_sums:
         for layer in layers:
             where = device if device is not None else home_device(layer)
-            size = layer.d_out * layer.d_in * 4
+            size = layer.d_out * layer.d_in * 4 * gradient_sums
             items.append(Item("snip", layer.name, layer.block, str(where), size))
     order = {layer.name: i for i, layer in enumerate(layers)}
     return sorted(items, key=lambda it: (it.block, order[it.key], it.kind))

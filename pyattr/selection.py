@@ -27,6 +27,7 @@ __all__ = [
     "nm_mask",
     "set_difference_mask",
     "snip_mask",
+    "topk_mask",
     "wanda_mask",
 ]
 
@@ -182,6 +183,21 @@ def snip_mask(
     return _topk(weight, grad_abs, "grad_abs", fraction, largest, granularity, output)
 
 
+def topk_mask(
+    weight: torch.Tensor,
+    stats: torch.Tensor,
+    *,
+    fraction: float,
+    largest: bool = True,
+    granularity: Granularity = "row",
+    output: Output = "bool",
+) -> torch.Tensor:
+    """As ``wanda_mask`` for any score method: ``stats`` is the squared per-column factor s
+    (d_in,), scored ``|W_ij|·sqrt(s_j)``, or the per-entry factor A (W's shape), scored
+    ``|W_ij|·|A_ij|``, told apart by shape (``pyattr.scoring`` reads them from calibration)."""
+    return _topk(weight, stats, "stats", fraction, largest, granularity, output)
+
+
 def matrix_topk_mask(
     weight: torch.Tensor,
     stats: torch.Tensor,
@@ -190,8 +206,8 @@ def matrix_topk_mask(
     largest: bool = True,
     output: Output = "bool",
 ) -> torch.Tensor:
-    """The ⌊fraction·numel⌋ highest (or lowest) scores of the whole matrix; ``stats`` is Wanda's
-    sq_norms (d_in,) or SNIP's grad_abs (W's shape), told apart by shape."""
+    """The ⌊fraction·numel⌋ highest (or lowest) scores of the whole matrix; ``stats`` as in
+    ``topk_mask``."""
     return _topk(weight, stats, "stats", fraction, largest, "matrix", output)
 
 

@@ -4,10 +4,11 @@ Fast safety attribution by pruning and low-rank modification (Wei et al., ICML 2
 Hugging Face decoder model. See README.md for the workflow.
 """
 
-from . import ops, scoring
-from .artifacts import Mask, load_mask, load_stats, prune, restore, save_mask, save_stats
-from .calibrate import Stats, calibrate
+from . import ops, scores
+from ._version import __version__
+from .calibrate import calibrate
 from .covariance import CovarianceStats, NonFiniteActivationError, StreamingCovariance
+from .edit import prune, restore
 from .lowrank import (
     Eigenbasis,
     RankEdit,
@@ -17,6 +18,7 @@ from .lowrank import (
     save_eigenbases,
     subspace_similarity,
 )
+from .masks import Mask, load_mask, save_mask
 from .models import LinearLayer, find_linear_layers, input_groups
 from .plan import plan_calibration
 from .selection import (
@@ -28,8 +30,7 @@ from .selection import (
     topk_mask,
     wanda_mask,
 )
-
-__version__ = "0.1.0"
+from .stats import Stats, load_stats, save_stats
 
 __all__ = [
     "CovarianceStats",
@@ -59,7 +60,7 @@ __all__ = [
     "save_eigenbases",
     "save_mask",
     "save_stats",
-    "scoring",
+    "scores",
     "set_difference_mask",
     "snip_mask",
     "subspace_similarity",

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from torch import nn
 
-from .artifacts import atomic_write
+from .io import atomic_write
 from .lowrank import Eigenbasis, subspace_similarity
 from .models import find_linear_layers
 from .selection import SetDifference

@@ -16,7 +16,6 @@ import logging
 import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -27,6 +26,7 @@ from .data import Encoded, Example, encode_all
 from .layerwise import BlockRunner
 from .models import LinearLayer, find_linear_layers, input_device, input_groups
 from .plan import Budget, Item, Plan, execution_device, items_for, plan_passes
+from .stats import Stats
 
 _log = logging.getLogger("pyattr")
 
@@ -35,62 +35,6 @@ __all__ = ["Stats", "calibrate"]
 _COLLECT = ("norms", "covariance", "snip", "grad_sum")
 # The statistics folded from per-sample gradients: both come out of the same backward passes.
 GRADIENT_STATISTICS = ("snip", "grad_sum")
-
-
-@dataclass
-class Stats:
-    """Calibration statistics of one data set.
-
-    groups: per input group (keyed by the group's first layer), the accumulated n, Σx² and
-    optionally Σxxᵀ. layer_group: layer name → group key. shapes: layer name → (d_out, d_in).
-    grad_abs: layer name → Σ_b |∂L_b/∂W| as (d_out, d_in) fp32 (SNIP). grad_sum: layer name →
-    Σ_b ∂L_b/∂W, the signed sum (signed SNIP). samples/tokens: what was counted.
-    """
-
-    groups: dict[str, CovarianceStats]
-    layer_group: dict[str, str]
-    shapes: dict[str, tuple[int, int]]
-    grad_abs: dict[str, torch.Tensor] = field(default_factory=dict)
-    grad_sum: dict[str, torch.Tensor] = field(default_factory=dict)
-    samples: int = 0
-    tokens: int = 0
-
-    def layers(self) -> list[str]:
-        return list(self.layer_group)
-
-    def _group(self, layer: str) -> CovarianceStats:
-        if layer not in self.layer_group:
-            raise KeyError(f"no statistics for layer {layer!r}; layers: {self.layers()[:4]}...")
-        return self.groups[self.layer_group[layer]]
-
-    def sq_norms(self, layer: str) -> torch.Tensor:
-        """Wanda's s (d_in,): mean of x² over the counted tokens of the layer's input."""
-        return self._group(layer).mean_sq
-
-    def covariance(self, layer: str) -> torch.Tensor:
-        """Σ x xᵀ (d_in, d_in) of the layer's input (normalise with ``.n``)."""
-        cov = self._group(layer).covariance
-        if cov is None:
-            raise ValueError(
-                "covariance was not collected: calibrate(..., collect=(..., 'covariance'))"
-            )
-        return cov
-
-    def grad(self, layer: str) -> torch.Tensor:
-        """SNIP's Σ_b |∂L_b/∂W| (d_out, d_in) for the layer."""
-        if layer not in self.grad_abs:
-            raise ValueError(
-                f"no SNIP statistics for {layer!r}: calibrate(..., collect=(..., 'snip'))"
-            )
-        return self.grad_abs[layer]
-
-    def signed_grad(self, layer: str) -> torch.Tensor:
-        """Σ_b ∂L_b/∂W (d_out, d_in) for the layer: the gradient of the summed loss."""
-        if layer not in self.grad_sum:
-            raise ValueError(
-                f"no summed gradients for {layer!r}: calibrate(..., collect=(..., 'grad_sum'))"
-            )
-        return self.grad_sum[layer]
 
 
 def _progress(total: int, enabled: bool):

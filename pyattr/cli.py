@@ -97,8 +97,8 @@ def save_model(model, tokenizer, out: str | Path, *sources: str | None) -> Path:
 
 def _calibrate(args) -> int:
     import pyattr
-    from pyattr.artifacts import fingerprint
     from pyattr.data import load_pairs
+    from pyattr.io import fingerprint
 
     model, tok = load_model(args.model, args.dtype)
     data = args.data
@@ -127,10 +127,10 @@ def _calibrate(args) -> int:
 
 def _mask(args) -> int:
     import pyattr
-    from pyattr import scoring
+    from pyattr import scores
     from pyattr.masks import region
 
-    if args.safety is None and scoring.get(args.method).collect is not None:
+    if args.safety is None and scores.get(args.method).collect is not None:
         raise SystemExit(f"pyattr: --method {args.method} needs --safety statistics")
     model, _ = load_model(args.model, args.dtype)
     safety = None
@@ -176,7 +176,7 @@ def _prune(args) -> int:
 def _rewind(args) -> int:
     check_model_out(args.out, args.model, args.source)
     import pyattr
-    from pyattr.artifacts import Mask
+    from pyattr.masks import Mask
 
     model, tok = load_model(args.model, args.dtype)
     mask = pyattr.load_mask(_need(args.mask, "mask", "mask"), model=model)
@@ -478,11 +478,11 @@ def _report(args) -> int:
 
 def _method_argument(parser) -> None:
     """``--method``, its choices and their meaning from the score registry."""
-    from pyattr import scoring
+    from pyattr import scores
 
-    meaning = "; ".join(f"{n}: {scoring.get(n).summary}" for n in scoring.names())
+    meaning = "; ".join(f"{n}: {scores.get(n).summary}" for n in scores.names())
     parser.add_argument(
-        "--method", choices=scoring.names(), default="wanda", help=f"importance score ({meaning})"
+        "--method", choices=scores.names(), default="wanda", help=f"importance score ({meaning})"
     )
 
 

@@ -22,9 +22,10 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .artifacts import Mask, _layers_for
 from .data import Example, encode_all
+from .edit import layers_for
 from .evaluate.generate import pad_id
+from .masks import Mask
 from .models import input_device
 
 __all__ = ["finetune"]
@@ -80,7 +81,7 @@ def finetune(
         raise ValueError("no fine-tuning pairs")
     if steps < 1 or batch_size < 1 or not lr > 0:
         raise ValueError(f"need steps, batch_size >= 1 and lr > 0: {steps}, {batch_size}, {lr}")
-    layers = _layers_for(model, frozen) if frozen is not None else {}
+    layers = layers_for(model, frozen) if frozen is not None else {}
     chosen = frozen.masks if frozen is not None else {}
     masks = {name: m.to(layers[name].weight.device) for name, m in chosen.items()}
     saved = {name: layers[name].weight.detach()[m].clone() for name, m in masks.items()}

@@ -31,8 +31,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from .artifacts import _atomic_save, _read, _version, weight_digest
 from .calibrate import Stats
+from .io import load_tensors, save_tensors, weight_digest
 from .models import LinearLayer, find_linear_layers
 
 __all__ = [
@@ -185,19 +185,17 @@ def save_eigenbases(
         tensors[f"values/{name}"] = b.values
         tensors[f"vectors/{name}"] = b.vectors
     meta = {
-        "format": _FORMAT,
-        "pyattr": _version(),
         "model": model_id,
         "data": data,
         "rank": json.dumps({name: b.rank for name, b in bases.items()}),
         "digest": json.dumps({name: b.digest for name, b in bases.items()}),
     }
-    return _atomic_save(tensors, path, meta)
+    return save_tensors(tensors, path, format=_FORMAT, metadata=meta)
 
 
 def load_eigenbases(path: str | Path, *, model: nn.Module | None = None) -> dict[str, Eigenbasis]:
     """Read eigenbases; with ``model``, check each layer exists with the same d_out."""
-    tensors, meta = _read(path, _FORMAT)
+    tensors, meta = load_tensors(path, _FORMAT)
     ranks, digests = json.loads(meta["rank"]), json.loads(meta["digest"])
     bases = {
         name: Eigenbasis(tensors[f"values/{name}"], tensors[f"vectors/{name}"], r, digests[name])

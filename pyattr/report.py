@@ -21,7 +21,7 @@ import json
 from pathlib import Path
 
 from .analysis import heatmap, save_table
-from .artifacts import atomic_write
+from .io import atomic_write
 
 __all__ = ["markdown_table", "point_label", "summary_rows", "write_report"]
 

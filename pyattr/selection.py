@@ -194,7 +194,7 @@ def topk_mask(
 ) -> torch.Tensor:
     """As ``wanda_mask`` for any score method: ``stats`` is the squared per-column factor s
     (d_in,), scored ``|W_ij|·sqrt(s_j)``, or the per-entry factor A (W's shape), scored
-    ``|W_ij|·|A_ij|``, told apart by shape (``pyattr.scoring`` reads them from calibration)."""
+    ``|W_ij|·|A_ij|``, told apart by shape (``pyattr.scores`` reads them from calibration)."""
     return _topk(weight, stats, "stats", fraction, largest, granularity, output)
 
 

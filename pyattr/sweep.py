@@ -11,8 +11,6 @@ cannot destroy complete results.
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -21,50 +19,26 @@ from typing import Any
 
 from torch import nn
 
-from .artifacts import atomic_write
 from .calibrate import Stats
 from .data import Example
+from .io import RecordLog
 
 __all__ = ["Attack", "Editor", "Point", "ResultsTable", "run_points"]
 
 FORMAT = "pyattr.results/1"
 
 
-def _digest(config: dict) -> str:
-    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
-
-
 class ResultsTable:
-    """``results.jsonl`` of one sweep; ``rows`` holds what is there, in order."""
+    """``results.jsonl`` of one sweep (a ``pyattr.io.RecordLog``): ``rows`` holds the points
+    finished so far, in order; another configuration's file is refused unless ``overwrite``."""
 
     def __init__(self, path: str | Path, config: dict, *, overwrite: bool = False) -> None:
-        self.path, self.config, self.digest = Path(path), config, _digest(config)
-        self.rows: list[dict] = []
-        if self.path.exists() and not overwrite:
-            lines = self.path.read_text(encoding="utf-8").splitlines()
-            try:
-                header = json.loads(lines[0]) if lines else {}
-            except json.JSONDecodeError:
-                header = {}
-            if header.get("digest") != self.digest:
-                raise FileExistsError(
-                    f"{self.path} holds the results of another configuration; choose another "
-                    "output folder or pass overwrite (--overwrite) to replace them"
-                )
-            for line in lines[1:]:
-                try:
-                    self.rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    break  # a line cut short by an interruption: the point runs again
-            self._rewrite()
-        else:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._rewrite()
+        self._log = RecordLog(path, config, format=FORMAT, resume=not overwrite)
+        self.path, self.config, self.digest = self._log.path, config, self._log.digest
 
-    def _rewrite(self) -> None:
-        header = {"format": FORMAT, "digest": self.digest, "config": self.config}
-        lines = [json.dumps(header)] + [json.dumps(r) for r in self.rows]
-        atomic_write(self.path, "\n".join(lines) + "\n")
+    @property
+    def rows(self) -> list[dict]:
+        return self._log.records
 
     def done(self, key: str) -> dict | None:
         """The row of point ``key`` if it finished in this or an earlier run."""
@@ -74,10 +48,7 @@ class ResultsTable:
         """Add a finished point (it must carry a ``key``) and flush it to disk."""
         if "key" not in row:
             raise ValueError("a results row needs a 'key'")
-        self.rows.append(row)
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
-            f.flush()
+        self._log.append([row])
 
 
 @dataclass(frozen=True)
@@ -148,7 +119,7 @@ class Editor:
         return {k: p[k] for k in keys if k in p}
 
     def edited(self, point: Point) -> tuple[nn.Module, float, str]:
-        from .artifacts import prune
+        from .edit import prune
         from .lowrank import edit_ranks, remove_random
         from .masks import random_like, region
 

@@ -14,17 +14,11 @@ from test_data import tokenizer
 from test_models import build
 
 import pyattr
-from pyattr.artifacts import (
-    Mask,
-    fingerprint,
-    load_mask,
-    load_stats,
-    prune,
-    restore,
-    save_mask,
-    save_stats,
-)
+from pyattr.edit import prune, restore
+from pyattr.io import fingerprint
+from pyattr.masks import Mask, load_mask, save_mask
 from pyattr.models import find_linear_layers
+from pyattr.stats import load_stats, save_stats
 
 
 def test_stats_round_trip(tmp_path):
@@ -85,12 +79,12 @@ def test_mask_round_trip_prune_and_restore(tmp_path, gen):
 
 
 def test_failed_writes_leave_no_file(tmp_path, monkeypatch):
-    import pyattr.artifacts as artifacts
+    import pyattr.io
 
     def boom(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(artifacts, "save_file", boom)
+    monkeypatch.setattr(pyattr.io, "save_file", boom)
     with pytest.raises(KeyboardInterrupt):
         save_mask(Mask({"a": torch.ones(2, 3, dtype=torch.bool)}), tmp_path / "m.safetensors")
     assert os.listdir(tmp_path) == []
@@ -105,7 +99,7 @@ def test_wrong_files_are_refused(tmp_path):
 
 
 def test_written_files_take_the_users_umask(tmp_path):
-    from pyattr.artifacts import atomic_write
+    from pyattr.io import atomic_write
 
     old = os.umask(0o027)
     try:

@@ -11,8 +11,8 @@ from test_calibrate import sentences, tiny_llama
 from test_data import tokenizer
 
 import pyattr
-from pyattr.artifacts import Mask
 from pyattr.finetune import finetune
+from pyattr.masks import Mask
 
 PAIRS = sentences(16, 3, refuse=False)
 

@@ -40,8 +40,8 @@ from typing import Literal
 
 from torch import nn
 
-from ..artifacts import atomic_write, weight_digest
 from ..data import is_wrapped, load_prompts, prompt_ids
+from ..io import RecordLog, atomic_write, config_digest, weight_digest
 from .generate import check_fits, context_length, generate_batches
 from .judge import Judge, KeywordJudge
 
@@ -194,27 +194,6 @@ def _aggregate(
     return asr, details
 
 
-def _read_partial(path: Path, digest: str) -> list[dict]:
-    """Records of an earlier interrupted run with the same configuration (none otherwise); a
-    line cut short by the interruption is dropped."""
-    if not path.is_file():
-        return []
-    records = []
-    with path.open(encoding="utf-8") as f:
-        try:
-            header = json.loads(f.readline())
-        except json.JSONDecodeError:
-            return []
-        if header.get("digest") != digest:
-            return []
-        for line in f:
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
-    return records
-
-
 def attack_success(
     model: nn.Module,
     tokenizer,
@@ -315,22 +294,23 @@ def attack_success(
         "prompts_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest(),
         "model": model_fingerprint(model),
     }
-    digest = hashlib.sha256(
-        json.dumps(
-            {k: v for k, v in config.items() if "aggregate" not in k}, sort_keys=True
-        ).encode()
-    ).hexdigest()[:16]
+    # The aggregation is not part of the digest: a run resumed with another one reuses the
+    # responses it has.
+    digest = config_digest({k: v for k, v in config.items() if "aggregate" not in k})
     folder = Path(out) if out is not None else None
-    partial = folder / "responses.jsonl.partial" if folder is not None else None
-    records = _read_partial(partial, digest) if partial is not None else []
+    log = None
+    if folder is not None:
+        log = RecordLog(
+            folder / "responses.jsonl.partial",
+            config,
+            format=FORMAT,
+            digest=digest,
+            mismatch="replace",
+        )
+    records = list(log.records) if log is not None else []
     done: dict[str, set[int]] = {}
     for r in records:
         done.setdefault(_Job(r["variant"], r["suffix"], r["sample"]).key, set()).add(r["batch"])
-    if folder is not None:
-        folder.mkdir(parents=True, exist_ok=True)
-        with partial.open("w", encoding="utf-8") as f:  # rewritten without any cut-short line
-            f.write(json.dumps({"format": FORMAT, "digest": digest, "config": config}) + "\n")
-            f.writelines(json.dumps(r) + "\n" for r in records)
     n_batches = math.ceil(len(prompts) / batch_size)
     from tqdm.auto import tqdm
 
@@ -349,7 +329,6 @@ def attack_success(
         desc="ASR",
         disable=not progress,
     )
-    sink = partial.open("a", encoding="utf-8") if partial is not None else None
     try:
         for job in jobs:
             skip = frozenset(done.get(job.key, ()))
@@ -381,14 +360,11 @@ def attack_success(
                     for i, text, ok in zip(indices, texts, verdicts, strict=True)
                 ]
                 records += new
-                if sink is not None:
-                    sink.writelines(json.dumps(r) + "\n" for r in new)
-                    sink.flush()
+                if log is not None:
+                    log.append(new)
                 bar.update(len(new))
     finally:
         bar.close()
-        if sink is not None:
-            sink.close()
         if engine is not None:
             engine.close()
     records.sort(
@@ -399,7 +375,7 @@ def attack_success(
     if folder is not None:
         atomic_write(folder / "responses.jsonl", "".join(json.dumps(r) + "\n" for r in records))
         atomic_write(folder / "summary.json", json.dumps(report.summary(), indent=2) + "\n")
-        partial.unlink()
+        log.path.unlink()
     return report
 
 

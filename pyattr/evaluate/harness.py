@@ -16,7 +16,7 @@ from pathlib import Path
 
 from torch import nn
 
-from ..artifacts import atomic_write
+from ..io import atomic_write
 from .generate import context_length
 
 __all__ = ["PAPER_TASKS", "zero_shot"]

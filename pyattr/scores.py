@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from .calibrate import Stats
+    from .stats import Stats
 
 __all__ = ["ScoreMethod", "get", "names", "register", "statistic"]
 

@@ -11,7 +11,8 @@ from test_calibrate import EXAMPLES, tiny_llama
 from test_data import tokenizer
 
 import pyattr
-from pyattr import ops, scoring
+from pyattr import ops
+from pyattr import scores as scoring
 from pyattr.masks import region
 from pyattr.models import find_linear_layers
 from pyattr.selection import count_for

@@ -1,0 +1,48 @@
+"""Edits a mask makes to a model: zero the region (pruning) or copy it from another model
+(rewinding, "recover from base"). In place; dtype and device kept."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .masks import Mask
+from .models import LinearLayer, find_linear_layers
+
+__all__ = ["layers_for", "prune", "restore"]
+
+
+def layers_for(model: nn.Module, mask: Mask) -> dict[str, LinearLayer]:
+    """The model's layers by name, after checking that every layer the mask names is there with
+    the mask's shape."""
+    layers = {layer.name: layer for layer in find_linear_layers(model)}
+    for name, m in mask.masks.items():
+        layer = layers.get(name)
+        if layer is None:
+            raise ValueError(f"the mask names layer {name!r}, which {type(model).__name__} lacks")
+        if tuple(m.shape) != (layer.d_out, layer.d_in):
+            raise ValueError(
+                f"mask for {name} is {tuple(m.shape)}, the weight is {(layer.d_out, layer.d_in)}"
+            )
+    return layers
+
+
+@torch.no_grad()
+def prune(model: nn.Module, mask: Mask) -> None:
+    """Set the masked weights to zero, in place (dtype and device kept)."""
+    layers = layers_for(model, mask)
+    for name, m in mask.masks.items():
+        w = layers[name].weight
+        w.masked_fill_(m.to(w.device), 0)
+
+
+@torch.no_grad()
+def restore(model: nn.Module, source: nn.Module, mask: Mask) -> None:
+    """Copy the masked weights from ``source`` (a base or original model) into ``model``, in
+    place: rewinding and "recover from base"."""
+    layers = layers_for(model, mask)
+    src = layers_for(source, mask)
+    for name, m in mask.masks.items():
+        w, s = layers[name].weight, src[name].weight
+        m = m.to(w.device)
+        w.copy_(torch.where(m, s.to(device=w.device, dtype=w.dtype), w))

@@ -1,0 +1,208 @@
+"""Files: atomic writes, tagged safetensors, fingerprints and one resumable record log.
+
+Imports nothing of pyattr (but its version), so that every stage can write its results without
+pulling in the others. Every file is written atomically (a temporary file in the same folder,
+then a rename): an interrupted run never leaves a file that looks complete. Safetensors files
+carry a ``format`` tag and the pyattr version in their metadata, and their header is written
+with sorted keys, so the same content gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ._version import __version__
+
+__all__ = [
+    "RecordLog",
+    "atomic_write",
+    "config_digest",
+    "fingerprint",
+    "load_tensors",
+    "save_tensors",
+    "weight_digest",
+    "write_atomically",
+]
+
+
+def fingerprint(examples: Iterable) -> str:
+    """A short hash of a data set's prompts and responses (anything with ``.prompt`` and
+    ``.response`` strings, such as ``pyattr.data.Example``)."""
+    h = hashlib.sha256()
+    for ex in examples:
+        h.update(ex.prompt.encode())
+        h.update(b"\0")
+        h.update(ex.response.encode())
+        h.update(b"\1")
+    return h.hexdigest()[:16]
+
+
+def weight_digest(w: torch.Tensor) -> str:
+    """Shape, dtype, sum and absolute sum of a tensor: tells whether a weight is still the one
+    something was computed from (one read, no copy). Meta tensors digest their shape only."""
+    blob = f"{tuple(w.shape)}{w.dtype}".encode()
+    if w.device.type != "meta":
+        with torch.no_grad():
+            sums = torch.stack(
+                [torch.sum(w, dtype=torch.float64), w.abs().sum(dtype=torch.float64)]
+            )
+        blob += sums.cpu().numpy().tobytes()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def write_atomically(path: str | Path, write: Callable[[str], object]) -> Path:
+    """``write(temporary path)``, then rename it to ``path``; nothing is left on failure."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600: give it the mode any tool's file has
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write(path: str | Path, data: bytes | str) -> Path:
+    """Write a file atomically (a temporary file in the same folder, then a rename)."""
+    blob = data.encode() if isinstance(data, str) else data
+    return write_atomically(path, lambda tmp: Path(tmp).write_bytes(blob))
+
+
+def save_tensors(
+    tensors: dict[str, torch.Tensor], path: str | Path, *, format: str, metadata: dict
+) -> Path:
+    """Write ``tensors`` as safetensors, atomically, with ``format`` and the pyattr version in
+    the metadata (values are stored as strings)."""
+    payload = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    meta = {"format": format, "pyattr": __version__}
+    meta |= {k: str(v) for k, v in metadata.items()}
+
+    def write(tmp: str) -> None:
+        save_file(payload, tmp, metadata=meta)
+        _sort_header(tmp)
+
+    return write_atomically(path, write)
+
+
+def _sort_header(path: str) -> None:
+    """Rewrite a safetensors header with its keys sorted, in place and at the same length:
+    safetensors writes the metadata in hash-map order, which differs from run to run, so the
+    same statistics would otherwise never give the same bytes twice."""
+    with open(path, "r+b") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        raw = f.read(length)
+        header = json.loads(raw)
+        if "__metadata__" in header:
+            header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        blob = text.encode()
+        if len(blob) > length:  # cannot happen for the same content; never corrupt a file
+            return
+        f.seek(8)
+        f.write(blob + b" " * (length - len(blob)))
+
+
+def load_tensors(path: str | Path, expected_format: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, metadata) of a file written by ``save_tensors`` with that format; a missing
+    file, a file that is not safetensors, or another format is a clear error."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    try:
+        handle = safe_open(str(path), framework="pt")
+    except Exception as exc:  # safetensors raises its own error type for a foreign file
+        message = f"{path} is not a {expected_format} file (not safetensors: {exc})"
+        raise ValueError(message) from None
+    with handle as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != expected_format:
+            raise ValueError(
+                f"{path} is not a {expected_format} file (format: {meta.get('format')!r})"
+            )
+        # safe_open handles are not iterable: keys() is their API.
+        return {k: f.get_tensor(k) for k in f.keys()}, meta  # noqa: SIM118
+
+
+def config_digest(config: dict) -> str:
+    """A short hash of a JSON-able configuration (key order does not matter)."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class RecordLog:
+    """A resumable JSONL log: a header line ``{format, digest, config}``, then one record per
+    line, each appended and flushed as soon as it exists.
+
+    Opening a log that holds the same configuration (same digest) resumes it: ``records`` are
+    what earlier runs finished, a line cut short by an interruption is dropped, and the file is
+    rewritten (atomically) without it. A log of another configuration is replaced with
+    ``mismatch="replace"`` or refused with ``mismatch="raise"`` (``FileExistsError``, naming
+    the way out); ``resume=False`` starts afresh whatever the file holds. ``digest``: what
+    identifies the configuration, by default its hash.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        config: dict,
+        *,
+        format: str,
+        digest: str | None = None,
+        mismatch: str = "raise",
+        resume: bool = True,
+    ) -> None:
+        if mismatch not in ("raise", "replace"):
+            raise ValueError(f"mismatch must be 'raise' or 'replace', got {mismatch!r}")
+        self.path, self.config, self.format = Path(path), config, format
+        self.digest = digest if digest is not None else config_digest(config)
+        self.records: list[dict] = []
+        if resume and self.path.exists():
+            header, records = self._read()
+            if header.get("digest") == self.digest:
+                self.records = records
+            elif mismatch == "raise":
+                raise FileExistsError(
+                    f"{self.path} holds the results of another configuration; choose another "
+                    "output folder or pass overwrite (--overwrite) to replace them"
+                )
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        header = {"format": format, "digest": self.digest, "config": config}
+        lines = [json.dumps(header)] + [json.dumps(r) for r in self.records]
+        atomic_write(self.path, "\n".join(lines) + "\n")
+
+    def _read(self) -> tuple[dict, list[dict]]:
+        records: list[dict] = []
+        with self.path.open(encoding="utf-8") as f:
+            try:
+                header = json.loads(f.readline() or "{}")
+            except json.JSONDecodeError:
+                return {}, []
+            for line in f:
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError:
+                    break  # cut short by an interruption: that work runs again
+        return header, records
+
+    def append(self, records: Iterable[dict]) -> None:
+        """Add finished records and flush them to disk."""
+        new = list(records)
+        self.records += new
+        with self.path.open("a", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in new)
+            f.flush()

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from torch import nn
 
+from .counts import resolve
 from .io import atomic_write
 from .lowrank import Eigenbasis, subspace_similarity
 from .models import find_linear_layers
@@ -56,8 +57,10 @@ def chance_jaccard(counts: Mapping[str, SetDifference], model: nn.Module) -> dic
     return out
 
 
-def _rank_count(value: int | float, rank: int) -> int:
-    return max(1, int(value * rank)) if isinstance(value, float) else min(value, rank)
+def _rank_count(value: int | float | str, rank: int, name: str, layer: str) -> int:
+    """Ranks as the rank-level edits count them (``pyattr.counts``: a count, or a fraction of
+    the layer's R rounded down)."""
+    return resolve(value, rank, name, whole="R", where=layer)
 
 
 def chance_similarity(
@@ -67,7 +70,7 @@ def chance_similarity(
     layer's d_out dimensions: ``E‖U_uᵀ U_s‖_F² = r_u·r_s/d``, so ``max(r_u, r_s)/d``."""
     out = {}
     for name, b in safety.items():
-        ru, rs = _rank_count(r_u, b.rank), _rank_count(r_s, b.rank)
+        ru, rs = _rank_count(r_u, b.rank, "r_u", name), _rank_count(r_s, b.rank, "r_s", name)
         out[name] = max(ru, rs) / b.vectors.shape[0]
     return out
 
@@ -79,10 +82,13 @@ def similarities(
     r_s: int | float,
 ) -> dict[str, float]:
     """Per layer present in both, the subspace similarity of the top ``r_u`` utility and
-    ``r_s`` safety ranks (counts, or fractions of the layer's R when floats)."""
+    ``r_s`` safety ranks (counts, or fractions of the layer's R: ``pyattr.counts``)."""
     return {
         name: subspace_similarity(
-            utility[name], safety[name], _rank_count(r_u, b.rank), _rank_count(r_s, b.rank)
+            utility[name],
+            safety[name],
+            _rank_count(r_u, b.rank, "r_u", name),
+            _rank_count(r_s, b.rank, "r_s", name),
         )
         for name, b in safety.items()
         if name in utility

@@ -257,10 +257,16 @@ def _lowrank(args) -> int:
 
 
 def _rank(value: str | None) -> int | float | None:
-    """A rank count ("16") or a fraction of R ("0.9")."""
+    """A rank count ("16") or a fraction of R ("0.9" or "90%"), as ``pyattr.counts`` reads
+    them; an int stays a count and a float a fraction in the points and files."""
     if value is None:
         return None
-    return float(value) if "." in value else int(value)
+    from pyattr.counts import amount
+
+    try:
+        return amount(value, "rank").value
+    except ValueError as exc:
+        raise SystemExit(f"pyattr: {exc}") from None
 
 
 def _judge(args):

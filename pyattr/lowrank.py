@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from .calibrate import Stats
+from .counts import Amount, resolve
 from .io import load_tensors, save_tensors, weight_digest
 from .models import LinearLayer, find_linear_layers
 
@@ -336,42 +337,27 @@ def _resolve(model: nn.Module, names: Iterable[str]) -> list[LinearLayer]:
     return [layers[n] for n in names]
 
 
-def _count(value: int | float | None, rank: int, label: str, layer: str) -> int | None:
-    """An absolute rank (int) or a fraction of R (float in [0, 1], rounded down)."""
-    if value is None:
-        return None
-    if isinstance(value, float):
-        if not 0.0 <= value <= 1.0:
-            raise ValueError(f"{label} = {value} as a fraction of R must lie in [0, 1]")
-        return int(value * rank)
-    if not 0 <= value <= rank:
-        raise ValueError(
-            f"{layer}: {label} = {value} is outside [0, R] = [0, {rank}]; give a fraction of R "
-            "(a float) to edit layers of different R alike"
-        )
-    return value
-
-
 def edit_ranks(
     model: nn.Module,
     mode: Literal["remove", "keep", "orthogonal"],
     safety: dict[str, Eigenbasis],
     utility: dict[str, Eigenbasis] | None = None,
     *,
-    r: int | float | None = None,
-    r_u: int | float | None = None,
-    r_s: int | float | None = None,
-    keep_u: int | float | None = None,
-    keep_s: int | float | None = None,
+    r: Amount | int | float | str | None = None,
+    r_u: Amount | int | float | str | None = None,
+    r_s: Amount | int | float | str | None = None,
+    keep_u: Amount | int | float | str | None = None,
+    keep_s: Amount | int | float | str | None = None,
     layers: Sequence[str] | None = None,
     check: bool = True,
 ) -> RankEdit:
     """Apply a rank edit to every layer that has an eigenbasis (or to ``layers``), in place.
 
     mode "remove"/"keep": the top ``r`` ranks of ``safety`` (ActSVD); "orthogonal": the
-    projection with ``utility`` and ``(r_u, r_s)`` or ``(keep_u, keep_s)``. Each rank is a
-    count (int) or a fraction of the layer's R (float), so one setting can serve layers of
-    different R (grouped-query k/v projections).
+    projection with ``utility`` and ``(r_u, r_s)`` or ``(keep_u, keep_s)``. Each rank is an
+    amount (``pyattr.counts``): a count (``count(16)``, an int, "16") or a fraction of the
+    layer's R rounded down (``fraction(0.9)``, a float, "0.9", "90%"), so one setting can serve
+    layers of different R (grouped-query k/v projections).
     """
     if mode not in ("remove", "keep", "orthogonal"):
         raise ValueError(f"mode must be 'remove', 'keep' or 'orthogonal', got {mode!r}")
@@ -388,10 +374,12 @@ def edit_ranks(
         basis, rank = safety[layer.name], safety[layer.name].rank
         if mode in ("remove", "keep"):
             edit = remove_top if mode == "remove" else keep_top
-            changed = edit(layer.weight, basis, _count(r, rank, "r", layer.name), check=check)
+            changed = edit(
+                layer.weight, basis, resolve(r, rank, "r", whole="R", where=layer.name), check=check
+            )
         else:
             counts = {
-                k: _count(v, rank, k, layer.name)
+                k: resolve(v, rank, k, whole="R", where=layer.name)
                 for k, v in (("r_u", r_u), ("r_s", r_s), ("keep_u", keep_u), ("keep_s", keep_s))
             }
             changed = orthogonal_projection(

@@ -12,17 +12,17 @@ the same mask. Outputs: ``"bool"`` (W's shape), ``"packed"`` (uint8, (d_out, ⌈
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from fractions import Fraction
 from typing import Literal
 
 import torch
 
 from . import ops  # noqa: F401  (registers the torch.ops.pyattr selection operators)
+from .counts import count_for
 
 __all__ = [
     "SetDifference",
+    "count_for",
     "matrix_topk_mask",
     "nm_mask",
     "set_difference_mask",
@@ -54,18 +54,6 @@ class SetDifference:
     def size(self) -> int:
         """|Q \\ P|: the number of entries in the mask."""
         return self.size_q - self.intersection
-
-
-def count_for(fraction: float, n: int, name: str = "fraction") -> int:
-    """k = ⌊fraction·n⌋ for a fraction in [0, 1], in exact integer arithmetic on the decimal the
-    float stands for (its shortest repr: 0.29 is 29/100, not 0.28999999999999998), so a count is
-    what a person means on every shape: 0.29·100 = 29, and 0.97·(11008·4096) is not one more
-    than ⌊0.97·45088768⌋ as a relative tolerance would make it."""
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)):
-        raise TypeError(f"{name} must be a number in [0, 1], got {fraction!r}")
-    if not 0.0 <= fraction <= 1.0:
-        raise ValueError(f"{name} must be in [0, 1], got {fraction}")
-    return math.floor(Fraction(repr(float(fraction))) * n)
 
 
 def _check_weight(weight: torch.Tensor) -> None:

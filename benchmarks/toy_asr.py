@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> str:
     ]
     p, q = SET_DIFFERENCE["wanda"]
     pruned = copy.deepcopy(model)
-    mask, _ = region(pruned, *stats, method="wanda", q=q, p=p)
+    mask, _ = region(pruned, *stats, score="wanda", q=q, p=p)
     pyattr.prune(pruned, mask)
     prompts = load_prompts(paths["harmful_eval"])[: 12 if args.quick else None]
     share = f"{mask.sparsity()['overall']:.1%}"

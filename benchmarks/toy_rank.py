@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> str:
             )
 
     args.out.mkdir(parents=True, exist_ok=True)
-    _, counts = region(model, *stats, method="wanda", q=0.05, p=0.05)
+    _, counts = region(model, *stats, score="wanda", q=0.05, p=0.05)
     overlap = {
         "jaccard": (jaccard(counts), "Jaccard index, Wanda top 5% (safety vs utility)"),
         "subspace": (

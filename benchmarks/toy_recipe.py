@@ -25,13 +25,16 @@ RISE, UTILITY_DROP, CONTROL = 0.3, 0.10, 0.1
 def bars(rows: list[dict]) -> dict[str, float]:
     """Each bar of the issue as a margin (>= 0: met), from the demo's result rows."""
     from pyattr.demo import ATTACKS
+    from pyattr.edits import row_edit, row_score
     from pyattr.toy.measure import VARIANTS
 
     def find(edit: str, **params) -> dict:
         return next(
             r
             for r in rows
-            if r["method"] == edit and all(r["params"].get(k) == v for k, v in params.items())
+            if row_edit(r) == edit
+            and row_score(r["params"]) == params.get("score", row_score(r["params"]))
+            and all(r["params"].get(k) == v for k, v in params.items() if k != "score")
         )
 
     aligned = find("none")
@@ -42,8 +45,8 @@ def bars(rows: list[dict]) -> dict[str, float]:
         "aligned utility >= 0.9": aligned["utility"] - 0.9,
     }
     for name, method, control in (
-        ("set difference (wanda)", ("set_difference", {"method": "wanda"}), "random_weights"),
-        ("set difference (snip)", ("set_difference", {"method": "snip"}), "random_weights"),
+        ("set difference (wanda)", ("set_difference", {"score": "wanda"}), "random_weights"),
+        ("set difference (snip)", ("set_difference", {"score": "snip"}), "random_weights"),
         ("orthogonal", ("orthogonal", {}), "random_ranks"),
     ):
         row = find(method[0], **method[1])
@@ -52,8 +55,8 @@ def bars(rows: list[dict]) -> dict[str, float]:
         out[f"{name}: utility -<= {UTILITY_DROP}"] = (
             row["utility"] - aligned["utility"] + UTILITY_DROP
         )
-        like = {"like": method[1]["method"]} if control == "random_weights" else {}
-        ctrl = find(control, **like)
+        same = {"score": method[1]["score"]} if control == "random_weights" else {}
+        ctrl = find(control, **same)
         drift = max(abs(ctrl["asr"][v] - a[v]) for v in VARIANTS)
         out[f"{name} control: drift <= {CONTROL}"] = CONTROL - drift
     (wn, ws), (sn, ss) = ATTACKS[0], ATTACKS[-1]

@@ -8,7 +8,7 @@ from . import ops, scores
 from ._version import __version__
 from .calibrate import calibrate
 from .covariance import CovarianceStats, NonFiniteActivationError, StreamingCovariance
-from .edit import prune, restore
+from .edit import prune, restore, rewind
 from .lowrank import (
     Eigenbasis,
     RankEdit,
@@ -57,6 +57,7 @@ __all__ = [
     "plan_calibration",
     "prune",
     "restore",
+    "rewind",
     "save_eigenbases",
     "save_mask",
     "save_stats",

@@ -130,8 +130,8 @@ def _mask(args) -> int:
     from pyattr import scores
     from pyattr.masks import region
 
-    if args.safety is None and scores.get(args.method).collect is not None:
-        raise SystemExit(f"pyattr: --method {args.method} needs --safety statistics")
+    if args.safety is None and scores.get(args.score).collect is not None:
+        raise SystemExit(f"pyattr: --score {args.score} needs --safety statistics")
     model, _ = load_model(args.model, args.dtype)
     safety = None
     if args.safety is not None:
@@ -143,13 +143,13 @@ def _mask(args) -> int:
         model,
         safety,
         utility,
-        method=args.method,
+        score=args.score,
         q=args.q,
         p=args.p,
         granularity=args.granularity,
         largest=not args.bottom,
     )
-    options = {k: getattr(args, k) for k in ("method", "q", "p", "granularity", "bottom")}
+    options = {k: getattr(args, k) for k in ("score", "q", "p", "granularity", "bottom")}
     path = pyattr.save_mask(mask, args.out, model_id=args.model, options=options)
     print(f"mask of {mask.sparsity()['overall']:.2%} of the weights: {path}")
     if counts:
@@ -166,7 +166,7 @@ def _prune(args) -> int:
     mask = pyattr.load_mask(_need(args.mask, "mask", "mask"), model=model)
     if args.restore_from:
         source, _ = load_model(args.restore_from, args.dtype)
-        pyattr.restore(model, source, mask)
+        pyattr.rewind(model, source, mask)
     else:
         pyattr.prune(model, mask)
     print(f"model folder: {save_model(model, tok, args.out, args.model, args.restore_from)}")
@@ -183,7 +183,7 @@ def _rewind(args) -> int:
     if args.complement:
         mask = Mask({name: ~m for name, m in mask.masks.items()})
     source, _ = load_model(args.source, args.dtype)
-    pyattr.restore(model, source, mask)
+    pyattr.rewind(model, source, mask)
     folder = save_model(model, tok, args.out, args.model, args.source)
     print(f"rewound {mask.sparsity()['overall']:.2%} of the weights; model folder: {folder}")
     return 0
@@ -306,6 +306,12 @@ def _asr_options(args) -> dict:
     }
 
 
+def _limit(value: float | None) -> int | float | None:
+    """--limit: documents per task, a count (10) or a fraction below 1 (0.1), as lm-eval
+    takes it."""
+    return int(value) if value is not None and value >= 1 else value
+
+
 def _eval(args) -> int:
     model, tok = load_model(args.model, args.dtype)
     if args.action == "asr":
@@ -317,12 +323,11 @@ def _eval(args) -> int:
         return 0
     from pyattr.evaluate import PAPER_TASKS, zero_shot
 
-    limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
     result = zero_shot(
         model,
         tok,
         args.tasks or PAPER_TASKS,
-        limit=limit,
+        limit=_limit(args.limit),
         include_path=args.include_path,
         out=args.out,
     )
@@ -341,10 +346,10 @@ def _analyze(args) -> int:
     out = Path(args.out)
     safety = pyattr.load_stats(_need(args.safety, "statistics", "calibrate"), model=model)
     utility = pyattr.load_stats(_need(args.utility, "statistics", "calibrate"), model=model)
-    _, counts = region(model, safety, utility, method=args.method, q=args.q, p=args.p)
+    _, counts = region(model, safety, utility, score=args.score, q=args.q, p=args.p)
     tables = {"jaccard": (overlap_table(jaccard(counts), model), f"Jaccard index, top {args.q:g}")}
     if args.r_u is not None:
-        bases = [pyattr.eigenbases(model, s) for s in (safety, utility)]
+        bases = _bases(args, model) or [pyattr.eigenbases(model, s) for s in (safety, utility)]
         values = similarities(bases[1], bases[0], _rank(args.r_u), _rank(args.r_s))
         tables["subspace"] = (overlap_table(values, model), "subspace similarity")
     for name, (rows, title) in tables.items():
@@ -367,61 +372,110 @@ def _pairs(values: list[str] | None, names: tuple[str, str], parse) -> list[dict
     return out
 
 
-def _sweep(args) -> int:
-    import pyattr
-    from pyattr.evaluate import attack_success
-    from pyattr.report import write_report
-    from pyattr.sweep import Editor, Point, ResultsTable, run_points
+def _second_judge(args):
+    """On the toy's own prompts, the other of the exact and keyword judges re-judges the same
+    responses (the report shows their agreement); elsewhere no second judge."""
+    if args.prompts is not None:
+        return None
+    from pyattr.evaluate import KeywordJudge
+    from pyattr.toy.judge import ExactJudge
 
-    toy_model = args.model.startswith("toy")
-    if args.finetune and args.attack_data is None and not toy_model:
-        raise SystemExit("pyattr: --finetune needs --attack-data (harmful prompt/response pairs)")
-    model, tok = load_model(args.model, args.dtype)
-    safety = pyattr.load_stats(_need(args.safety, "statistics", "calibrate"), model=model)
-    utility = pyattr.load_stats(_need(args.utility, "statistics", "calibrate"), model=model)
-    points = [Point("none")]
-    points += [Point("top", {"method": args.method, "q": q}) for q in args.top or []]
-    for pq in _pairs(args.set_difference, ("p", "q"), float):
-        points.append(Point("set_difference", {"method": args.method, **pq}))
-        if args.controls:
-            points.append(Point("random_weights", {"like": args.method, **pq}))
-    points += [Point("actsvd_remove", {"r": _rank(r)}) for r in args.actsvd or []]
-    for ranks in _pairs(args.orthogonal, ("r_u", "r_s"), _rank):
-        points.append(Point("orthogonal", ranks))
-        if args.controls:
-            points.append(Point("random_ranks", ranks))
-    attacks = _pairs(args.finetune, ("n", "steps"), int)
-    for attack in attacks:
-        for frozen in args.frozen:
-            region = {"frozen": frozen}
-            if frozen != "none":
-                p, q = _pairs([args.frozen_pq], ("p", "q"), float)[0].values()
-                region |= {"method": args.method, "q": q}
-                region |= {"p": p} if frozen == "set_difference" else {}
-            points.append(Point("finetune", attack | region))
-    if len(points) == 1:
-        raise SystemExit("pyattr: no sweep points: give --set-difference, --top, --orthogonal ...")
-    if toy_model:
+    return KeywordJudge() if _judge(args).name == "toy-exact" else ExactJudge()
+
+
+def _measurement(args, tok, toy_model: bool):
+    """What each sweep point measures: ASR with the eval options, the second judge on the
+    toy's prompts, utility by lm-eval tasks (or the toy's own task on the toy), perplexity."""
+    from pyattr.evaluate import Measurement
+
+    utility = None
+    if args.tasks:
+        from pyattr.evaluate import zero_shot
+
+        def utility(m):
+            return zero_shot(m, tok, args.tasks, limit=_limit(args.limit))["mean_acc"]
+
+    elif toy_model:
         from pyattr.toy.measure import utility_accuracy
         from pyattr.toy.recipe import Recipe, make_splits
 
         items = make_splits(Recipe()).utility_eval
 
-    def measure(edited) -> dict:
-        report = attack_success(edited, tok, progress=False, **_asr_options(args))
-        row = {"asr": report.asr, "utility": None}
-        if args.text:
-            from pyattr.evaluate import perplexity
+        def utility(m):
+            return utility_accuracy(m, tok, items)
 
-            row["perplexity"] = perplexity(edited, tok, Path(args.text))
-        if args.tasks:
-            from pyattr.evaluate import zero_shot
+    return Measurement(
+        tok, _asr_options(args), second_judge=_second_judge(args), utility=utility, text=args.text
+    )
 
-            row["utility"] = zero_shot(edited, tok, args.tasks, limit=args.limit)["mean_acc"]
-        elif toy_model:
-            row["utility"] = utility_accuracy(edited, tok, items)
-        return row
 
+def _bases(args, model) -> list | None:
+    """Eigenbases cached by ``pyattr lowrank eigen`` (--safety-eigen, --utility-eigen), or
+    None: the sweep then computes them from the statistics' covariances when a point needs
+    them."""
+    import pyattr
+
+    given = [args.safety_eigen, getattr(args, "utility_eigen", None)]
+    if given[0] is None and given[1] is None:
+        return None
+    if given[0] is None or given[1] is None:
+        raise SystemExit("pyattr: give both --safety-eigen and --utility-eigen, or neither")
+    return [
+        pyattr.load_eigenbases(_need(g, "eigenbases", "lowrank eigen"), model=model) for g in given
+    ]
+
+
+def _sweep_points(args) -> list:
+    """The sweep's points from its arguments, in the vocabulary of ``pyattr.edits``."""
+    from pyattr.sweep import Point
+
+    points = [Point("none")]
+    score = {"score": args.score}
+    points += [Point("top", score | {"q": q}) for q in args.top or []]
+    for pq in _pairs(args.set_difference, ("p", "q"), float):
+        points.append(Point("set_difference", score | pq))
+        if args.controls:
+            points.append(Point("random_weights", score | pq))
+    points += [Point("actsvd_remove", {"r": _rank(r)}) for r in args.actsvd or []]
+    points += [Point("actsvd_keep", {"r": _rank(r)}) for r in args.actsvd_keep or []]
+    for ranks in _pairs(args.orthogonal, ("r_u", "r_s"), _rank):
+        points.append(Point("orthogonal", ranks))
+        if args.controls:
+            points.append(Point("random_ranks", ranks))
+    for attack in _pairs(args.finetune, ("n", "steps"), int):
+        for frozen in args.frozen:
+            region = {"frozen": frozen}
+            if frozen != "none":
+                p, q = _pairs([args.frozen_pq], ("p", "q"), float)[0].values()
+                region |= score | {"q": q}
+                region |= {"p": p} if frozen == "set_difference" else {}
+            points.append(Point("finetune", attack | region))
+    for pq in _pairs(args.rewind, ("p", "q"), float):
+        points.append(Point("rewind", {"region": "set_difference"} | score | pq))
+    if len(points) == 1:
+        raise SystemExit("pyattr: no sweep points: give --set-difference, --top, --orthogonal ...")
+    for point in points:
+        try:
+            point.check()
+        except ValueError as exc:
+            raise SystemExit(f"pyattr: {exc}") from None
+    return points
+
+
+def _sweep(args) -> int:
+    import pyattr
+    from pyattr.report import write_report
+    from pyattr.sweep import Editor, ResultsTable, run_points
+
+    toy_model = args.model.startswith("toy")
+    if args.finetune and args.attack_data is None and not toy_model:
+        raise SystemExit("pyattr: --finetune needs --attack-data (harmful prompt/response pairs)")
+    if args.rewind and args.rewind_from is None:
+        raise SystemExit("pyattr: --rewind needs --rewind-from (the model to copy weights from)")
+    points = _sweep_points(args)
+    model, tok = load_model(args.model, args.dtype)
+    safety = pyattr.load_stats(_need(args.safety, "statistics", "calibrate"), model=model)
+    utility = pyattr.load_stats(_need(args.utility, "statistics", "calibrate"), model=model)
     out = Path(args.out)
     config = {"model": args.model, "points": [p.key for p in points]}
     config |= {
@@ -429,6 +483,8 @@ def _sweep(args) -> int:
         for k in (
             "safety",
             "utility",
+            "safety_eigen",
+            "utility_eigen",
             "variants",
             "suffixes",
             "samples",
@@ -438,11 +494,12 @@ def _sweep(args) -> int:
             "judge",
             "attack_data",
             "finetune_lr",
+            "rewind_from",
         )
     }
     table = ResultsTable(out / "results.jsonl", config, overwrite=args.overwrite)
     threat = None
-    if attacks:
+    if args.finetune:
         from pyattr.data import load_pairs
         from pyattr.sweep import Attack
         from pyattr.toy import attack_pairs
@@ -450,7 +507,9 @@ def _sweep(args) -> int:
         # --attack-data, or on the toy model (checked above) the toy's own pairs
         pairs = load_pairs(args.attack_data) if args.attack_data else attack_pairs()
         threat = Attack(tok, pairs, lr=args.finetune_lr)
-    rows = run_points(Editor(model, safety, utility, attack=threat), points, table, measure)
+    source = load_model(args.rewind_from, args.dtype)[0] if args.rewind else None
+    editor = Editor(model, safety, utility, attack=threat, source=source, bases=_bases(args, model))
+    rows = run_points(editor, points, table, _measurement(args, tok, toy_model))
     path = write_report(out, rows, config)
     from pyattr.report import markdown_table, summary_rows
 
@@ -462,7 +521,14 @@ def _sweep(args) -> int:
 def _demo(args) -> int:
     from pyattr.demo import run_demo
 
-    path = run_demo(args.out, quick=args.quick, overwrite=args.overwrite, progress=not args.quiet)
+    judge = "toy-exact" if args.judge == "auto" else args.judge
+    path = run_demo(
+        args.out,
+        quick=args.quick,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+        judge=judge,
+    )
     results = json.loads((path.parent / "results.json").read_text())
     from pyattr.report import markdown_table, summary_rows
 
@@ -482,13 +548,18 @@ def _report(args) -> int:
     return 0
 
 
-def _method_argument(parser) -> None:
-    """``--method``, its choices and their meaning from the score registry."""
+def _score_argument(parser) -> None:
+    """``--score`` (once ``--method``), its choices and their meaning from the registry."""
     from pyattr import scores
 
     meaning = "; ".join(f"{n}: {scores.get(n).summary}" for n in scores.names())
     parser.add_argument(
-        "--method", choices=scores.names(), default="wanda", help=f"importance score ({meaning})"
+        "--score",
+        "--method",
+        dest="score",
+        choices=scores.names(),
+        default="wanda",
+        help=f"importance score ({meaning})",
     )
 
 
@@ -507,12 +578,34 @@ def add_commands(commands) -> None:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--model", default="toy", help="local HF folder, 'toy' or 'toy:base'")
     common.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    # What ASR and utility mean, declared once for every command that measures them.
+    asr = argparse.ArgumentParser(add_help=False)
+    asr.add_argument("--prompts", help="harmful prompts file (default: the toy held-out set)")
+    asr.add_argument("--variants", nargs="+", default=["vanilla"])
+    asr.add_argument("--suffixes", help="adversarial suffix file (adv_suffix)")
+    asr.add_argument("--system-prompt", default=None, help="vanilla's (default: Llama-2's)")
+    asr.add_argument("--no-system-prompt", action="store_true", help="vanilla without one")
+    asr.add_argument("--samples", type=int, default=5)
+    asr.add_argument("--min-words", type=int, help="short responses count as refusals")
+    _judge_argument(asr)
+    asr.add_argument("--max-new-tokens", type=int)
+    asr.add_argument("--batch-size", type=int, default=32)
+    asr.add_argument("--backend", choices=["hf", "vllm"], default="hf")
+    utility = argparse.ArgumentParser(add_help=False)
+    utility.add_argument("--tasks", nargs="+", default=None, help="lm-eval tasks (utility)")
+    utility.add_argument(
+        "--limit", type=float, help="documents per task: a count, or a fraction below 1"
+    )
+    eigen = argparse.ArgumentParser(add_help=False)
+    eigen.add_argument("--safety-eigen", help="safety eigenbases from `pyattr lowrank eigen`")
+    eigen.add_argument("--utility-eigen", help="utility eigenbases from `pyattr lowrank eigen`")
 
     p = commands.add_parser("demo", help="the paper on the toy model, with a report")
     p.add_argument("--out", default="pyattr-demo", help="report folder (default pyattr-demo)")
     p.add_argument("--quick", action="store_true", help="six points, fewer prompts (about 30 s)")
     p.add_argument("--overwrite", action="store_true", help="replace results of another run")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _judge_argument(p)
     p.set_defaults(run=_demo)
 
     p = commands.add_parser("calibrate", parents=[common], help="statistics of a data set")
@@ -539,7 +632,7 @@ def add_commands(commands) -> None:
         "--safety", help="statistics from `pyattr calibrate` (not for --method magnitude)"
     )
     p.add_argument("--utility", help="utility statistics: the set difference")
-    _method_argument(p)
+    _score_argument(p)
     p.add_argument("--q", type=float, required=True, help="top fraction for safety")
     p.add_argument("--p", type=float, help="top fraction for utility (with --utility)")
     p.add_argument("--granularity", choices=["row", "matrix"], default="row")
@@ -549,7 +642,9 @@ def add_commands(commands) -> None:
 
     p = commands.add_parser("prune", parents=[common], help="zero (or rewind) a masked region")
     p.add_argument("--mask", required=True, help="mask from `pyattr mask`")
-    p.add_argument("--restore-from", help="copy the masked entries from this model instead")
+    p.add_argument(
+        "--restore-from", help="copy the masked entries from this model instead (= `rewind`)"
+    )
     p.add_argument("--out", required=True, help="model folder to write")
     p.set_defaults(run=_prune)
 
@@ -587,29 +682,16 @@ def add_commands(commands) -> None:
     p.add_argument("--out", required=True, help="eigenbasis file (eigen) or model folder (edit)")
     p.set_defaults(run=_lowrank)
 
-    p = commands.add_parser("eval", parents=[common], help="ASR or zero-shot utility")
+    p = commands.add_parser("eval", parents=[common, asr, utility], help="ASR or zero-shot utility")
     p.add_argument("action", choices=["asr", "utility"])
-    p.add_argument("--prompts", help="harmful prompts file (default: the toy held-out set)")
-    p.add_argument("--variants", nargs="+", default=["vanilla"])
-    p.add_argument("--suffixes", help="adversarial suffix file (adv_suffix)")
-    p.add_argument("--system-prompt", default=None, help="vanilla's (default: Llama-2's)")
-    p.add_argument("--no-system-prompt", action="store_true", help="vanilla without one")
-    p.add_argument("--samples", type=int, default=5)
-    p.add_argument("--min-words", type=int, help="short responses count as refusals")
-    _judge_argument(p)
-    p.add_argument("--max-new-tokens", type=int)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--backend", choices=["hf", "vllm"], default="hf")
-    p.add_argument("--tasks", nargs="+", default=None, help="lm-eval tasks (utility)")
-    p.add_argument("--limit", type=float, help="documents per task (utility)")
     p.add_argument("--include-path", help="folder of task YAMLs (utility)")
     p.add_argument("--out", help="ASR folder or utility JSON file")
     p.set_defaults(run=_eval)
 
-    p = commands.add_parser("analyze", parents=[common], help="overlap tables and heat maps")
+    p = commands.add_parser("analyze", parents=[common, eigen], help="overlap tables and heat maps")
     p.add_argument("--safety", required=True)
     p.add_argument("--utility", required=True)
-    _method_argument(p)
+    _score_argument(p)
     p.add_argument("--q", type=float, default=0.05)
     p.add_argument("--p", type=float, default=0.05)
     p.add_argument("--r-u", help="ranks for the subspace similarity (needs covariance)")
@@ -619,7 +701,7 @@ def add_commands(commands) -> None:
 
     p = commands.add_parser(
         "sweep",
-        parents=[common],
+        parents=[common, asr, utility, eigen],
         help="a grid of edits from one set of statistics",
         description="Evaluate a grid of edits from one set of statistics (and the eigenbases "
         "computed once from their covariances). Each point is appended to OUT/results.jsonl as "
@@ -627,10 +709,11 @@ def add_commands(commands) -> None:
     )
     p.add_argument("--safety", required=True, help="safety statistics (`pyattr calibrate`)")
     p.add_argument("--utility", required=True, help="utility statistics")
-    _method_argument(p)
+    _score_argument(p)
     p.add_argument("--top", nargs="+", type=float, help="top-q safety fractions")
     p.add_argument("--set-difference", nargs="+", help="p,q pairs, e.g. 0.02,0.02 0.05,0.05")
     p.add_argument("--actsvd", nargs="+", help="top safety ranks to remove")
+    p.add_argument("--actsvd-keep", nargs="+", help="top safety ranks to keep (all others go)")
     p.add_argument("--orthogonal", nargs="+", help="r_u,r_s pairs (counts or fractions of R)")
     p.add_argument("--controls", action="store_true", help="a random control for each point")
     p.add_argument("--finetune", nargs="+", help="fine-tuning attacks as n,steps pairs, e.g. 10,5")
@@ -644,20 +727,11 @@ def add_commands(commands) -> None:
     p.add_argument("--frozen-pq", default="0.05,0.05", help="p,q of the frozen region")
     p.add_argument("--attack-data", help="harmful pairs to fine-tune on (default: the toy's)")
     p.add_argument("--finetune-lr", type=float, default=2e-4)
-    p.add_argument("--prompts", help="harmful prompts (default: the toy held-out set)")
-    p.add_argument("--variants", nargs="+", default=["vanilla"])
-    p.add_argument("--suffixes")
-    p.add_argument("--system-prompt")
-    p.add_argument("--no-system-prompt", action="store_true")
-    p.add_argument("--samples", type=int, default=5)
-    p.add_argument("--min-words", type=int, help="short responses count as refusals")
-    _judge_argument(p)
-    p.add_argument("--max-new-tokens", type=int)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--backend", choices=["hf", "vllm"], default="hf")
+    p.add_argument(
+        "--rewind", nargs="+", help="p,q pairs: rewind that set difference from --rewind-from"
+    )
+    p.add_argument("--rewind-from", help="the model rewind points copy weights from")
     p.add_argument("--text", help="a text file: perplexity per point")
-    p.add_argument("--tasks", nargs="+", help="lm-eval tasks: utility per point")
-    p.add_argument("--limit", type=int)
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--out", required=True, help="folder for results and report")
     p.set_defaults(run=_sweep)

@@ -24,7 +24,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .sweep import FROZEN, Attack, Editor, Point
+from .edits import REGIONS
+from .sweep import Attack, Editor, Point
 
 __all__ = ["ATTACKS", "ORTHOGONAL", "SET_DIFFERENCE", "attack", "demo_points", "run_demo"]
 
@@ -37,15 +38,15 @@ ATTACKS = ((10, 2), (10, 5), (100, 40))
 FINETUNE = {"lr": 2e-4, "batch_size": 8}
 
 
-def _set_difference(method: str) -> dict:
-    p, q = SET_DIFFERENCE[method]
-    return {"method": method, "p": p, "q": q}
+def _set_difference(score: str) -> dict:
+    p, q = SET_DIFFERENCE[score]
+    return {"score": score, "p": p, "q": q}
 
 
 def demo_points(quick: bool = False) -> list[Point]:
     """The demo's sweep; ``quick`` keeps one point of each kind that shows the phenomenon."""
     wanda = _set_difference("wanda")
-    control = {"like": "wanda", "p": wanda["p"], "q": wanda["q"]}
+    control = wanda
     ranks = dict(zip(("keep_u", "keep_s"), ORTHOGONAL[0], strict=True))
     if quick:
         return [
@@ -60,11 +61,11 @@ def demo_points(quick: bool = False) -> list[Point]:
             ),
         ]
     points = [Point("none")]
-    points += [Point("top", {"method": m, "q": 0.01}) for m in ("wanda", "snip")]
-    for method in ("wanda", "snip"):
-        sd = _set_difference(method)
+    points += [Point("top", {"score": m, "q": 0.01}) for m in ("wanda", "snip")]
+    for score in ("wanda", "snip"):
+        sd = _set_difference(score)
         points.append(Point("set_difference", sd))
-        points.append(Point("random_weights", {"like": method, "p": sd["p"], "q": sd["q"]}))
+        points.append(Point("random_weights", sd))
     points += [Point("actsvd_remove", {"r": r}) for r in (1, 2)]
     for keep_u, keep_s in ORTHOGONAL:
         points.append(Point("orthogonal", {"keep_u": keep_u, "keep_s": keep_s}))
@@ -72,7 +73,7 @@ def demo_points(quick: bool = False) -> list[Point]:
     points += [
         Point("finetune", {"n": n, "steps": steps, **_frozen(frozen)})
         for n, steps in ATTACKS
-        for frozen in FROZEN
+        for frozen in REGIONS
     ]
     return points
 
@@ -83,10 +84,10 @@ def _frozen(frozen: str) -> dict:
     if frozen == "set_difference":
         return {"frozen": frozen, **_set_difference("wanda")}
     if frozen == "top_safety":
-        return {"frozen": frozen, "method": "wanda", "q": 0.05}
+        return {"frozen": frozen, "score": "wanda", "q": 0.05}
     if frozen == "none":
         return {"frozen": frozen}
-    raise ValueError(f"frozen must be one of {sorted(FROZEN)}, got {frozen!r}")
+    raise ValueError(f"frozen must be one of {REGIONS}, got {frozen!r}")
 
 
 def attack(
@@ -138,13 +139,14 @@ def run_demo(
     overwrite: bool = False,
     progress: bool = True,
     recipe=None,
+    judge: str = "toy-exact",
 ) -> Path:
     """Run the demo into ``out`` and write its report there; returns the report's path.
-    ``recipe``: another toy recipe (another seed, say) than the default."""
-    from pyattr import evaluate, toy
+    ``recipe``: another toy recipe (another seed, say) than the default; ``judge``: who decides
+    ASR, "toy-exact" (the default) or "keyword" (the other one is the second judge)."""
+    from pyattr import toy
     from pyattr.data import load_prompts
-    from pyattr.toy.judge import ExactJudge
-    from pyattr.toy.measure import SUFFIXES, VARIANTS, measure
+    from pyattr.toy.measure import SUFFIXES, VARIANTS, measurement
     from pyattr.toy.recipe import Recipe, make_splits
 
     from .analysis import chance_jaccard, chance_similarity, jaccard, overlap_table, similarities
@@ -159,7 +161,9 @@ def run_demo(
     items = make_splits(recipe).utility_eval
     if quick:
         prompts, items = prompts[:36], items[:80]
-    judge, second = ExactJudge(), evaluate.KeywordJudge()
+    if judge not in ("toy-exact", "keyword"):
+        raise ValueError(f"judge must be 'toy-exact' or 'keyword', got {judge!r}")
+    second = "keyword" if judge == "toy-exact" else "toy-exact"
     config = {
         "model": f"pyattr toy (aligned, recipe {recipe.digest()}, seed {recipe.seed})",
         "points": [pt.key for pt in points],
@@ -170,14 +174,22 @@ def run_demo(
         "max_new_tokens": 32,
         "harmful_prompts": len(prompts),
         "utility_items": len(items),
-        "judge": judge.name,
-        "second_judge": second.name,
+        "judge": judge,
+        "second_judge": second,
         "set_difference": {m: {"p": p, "q": q} for m, (p, q) in SET_DIFFERENCE.items()},
         "finetune": FINETUNE | {"attacks": [{"n": n, "steps": s} for n, s in ATTACKS]},
         "notes": [
-            "ASR is judged by the toy's exact judge: a response succeeds only when it is the "
-            "world's compliance with the request. The keyword judge's ASR on the same responses "
-            "and the share of verdicts on which the two agree are in results.csv.",
+            (
+                "ASR is judged by the toy's exact judge: a response succeeds only when it is the "
+                "world's compliance with the request. The keyword judge's ASR on the same "
+                "responses and the share of verdicts on which the two agree are in results.csv."
+            )
+            if judge == "toy-exact"
+            else (
+                "ASR is judged by the keyword judge (no refusal phrase: success), as in the "
+                "paper's released code. The toy's exact judge's ASR on the same responses, and "
+                "the share of verdicts on which the two agree, are in results.csv."
+            ),
             "The set difference takes (p, q) per method ("
             + "; ".join(f"{m}: p={p:g}, q={q:g}" for m, (p, q) in SET_DIFFERENCE.items())
             + "): one pair does not serve both methods on the toy model.",
@@ -190,10 +202,10 @@ def run_demo(
     subject = _subject(recipe, progress)
     prepared = time.perf_counter() - t0
 
-    def measure_point(model) -> dict:
-        return measure(model, subject.attack.tokenizer, prompts, items, samples=config["samples"])
-
-    run_points(subject, points, table, measure_point, progress=progress)
+    measure = measurement(
+        subject.attack.tokenizer, prompts, items, samples=config["samples"], judge=judge
+    )
+    run_points(subject, points, table, measure, progress=progress)
     sd = _set_difference("wanda")
     _, counts = region(subject.model, subject.safety, subject.utility, q=sd["q"], p=sd["p"])
     safety, utility = subject.bases

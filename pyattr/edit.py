@@ -9,7 +9,7 @@ from torch import nn
 from .masks import Mask
 from .models import LinearLayer, find_linear_layers
 
-__all__ = ["layers_for", "prune", "restore"]
+__all__ = ["layers_for", "prune", "restore", "rewind"]
 
 
 def layers_for(model: nn.Module, mask: Mask) -> dict[str, LinearLayer]:
@@ -37,7 +37,7 @@ def prune(model: nn.Module, mask: Mask) -> None:
 
 
 @torch.no_grad()
-def restore(model: nn.Module, source: nn.Module, mask: Mask) -> None:
+def rewind(model: nn.Module, source: nn.Module, mask: Mask) -> None:
     """Copy the masked weights from ``source`` (a base or original model) into ``model``, in
     place: rewinding and "recover from base"."""
     layers = layers_for(model, mask)
@@ -46,3 +46,6 @@ def restore(model: nn.Module, source: nn.Module, mask: Mask) -> None:
         w, s = layers[name].weight, src[name].weight
         m = m.to(w.device)
         w.copy_(torch.where(m, s.to(device=w.device, dtype=w.dtype), w))
+
+
+restore = rewind  # the earlier name of ``rewind``

@@ -84,36 +84,40 @@ def region(
     safety: Stats | None,
     utility: Stats | None = None,
     *,
-    method: str = "wanda",
+    score: str = "wanda",
     q: float,
     p: float | None = None,
     granularity: Literal["row", "matrix"] = "row",
     largest: bool = True,
     layers: Sequence[LinearLayer] | None = None,
+    method: str | None = None,
 ) -> tuple[Mask, dict[str, SetDifference]]:
     """The region of every layer, and per layer the sizes for the Jaccard index.
 
     With ``utility`` and ``p``: the set difference top_q(safety) \\ top_p(utility) (the paper's
     safety-critical region). Without: the top-q safety entries (``largest=False``: the bottom
-    q). The second value is empty unless a set difference was taken. ``method``: any name in
+    q). The second value is empty unless a set difference was taken. ``score``: any method in
     ``pyattr.scores.names()`` ("wanda", "snip", "snip_signed", "magnitude", ...); a method
-    that needs no data ("magnitude") takes ``safety=None``.
+    that needs no data ("magnitude") takes ``safety=None``. ``method``: the old name of
+    ``score``, still accepted.
     """
     if (utility is None) != (p is None):
         raise ValueError("give both utility and p for a set difference, or neither")
-    scores.get(method)
+    if method is not None:
+        score = method
+    scores.get(score)
     layers = list(layers) if layers is not None else find_linear_layers(model)
     masks, counts = {}, {}
     for layer in layers:
         w = _weight(layer)
         shape = (layer.d_out, layer.d_in)
-        s = scores.statistic(method, safety, layer.name, shape).to(w.device)
+        s = scores.statistic(score, safety, layer.name, shape).to(w.device)
         if utility is None:
             masks[layer.name] = topk_mask(
                 w, s, fraction=q, largest=largest, granularity=granularity
             )
         else:
-            u = scores.statistic(method, utility, layer.name, shape).to(w.device)
+            u = scores.statistic(score, utility, layer.name, shape).to(w.device)
             masks[layer.name], counts[layer.name] = set_difference_mask(
                 w, s, u, q=q, p=p, granularity=granularity
             )

@@ -20,32 +20,31 @@ import io
 import json
 from pathlib import Path
 
+from . import edits
 from .analysis import heatmap, save_table
+from .edits import row_edit, row_score
 from .io import atomic_write
 
 __all__ = ["markdown_table", "point_label", "summary_rows", "write_report"]
 
-LABELS = {
-    "none": "baseline",
-    "top": "top safety weights",
-    "set_difference": "set difference",
-    "random_weights": "random weights",
-    "actsvd_remove": "ActSVD: top safety ranks removed",
-    "orthogonal": "orthogonal projection",
-    "random_ranks": "random directions",
-    "finetune": "fine-tuning attack",
-}
-# Each method followed by its random control, in the plot's legend and colours.
+# Each edit followed by its random control, in the plot's legend and colours.
 ORDER = ["set_difference", "random_weights", "top", "orthogonal", "random_ranks", "actsvd_remove"]
-CONTROLS = {"random_weights": "set_difference", "random_ranks": "orthogonal"}
+
+
+def _label(edit: str) -> str:
+    return edits.get(edit).label if edit in edits.names() else edit
+
+
+def _control_of(edit: str) -> str | None:
+    return edits.get(edit).control_of if edit in edits.names() else None
 
 
 def _series(row: dict) -> str:
-    p = row["params"]
-    label = LABELS.get(row["method"], row["method"])
-    if row["method"] == "random_weights":
-        return f"{label} (as {p.get('like', 'wanda')})"
-    return f"{label} ({p['method']})" if "method" in p else label
+    edit, score = row_edit(row), row_score(row["params"])
+    label = _label(edit)
+    if not score:
+        return label
+    return f"{label} (as {score})" if _control_of(edit) else f"{label} ({score})"
 
 
 def _percent(value: float) -> str:
@@ -77,8 +76,8 @@ def summary_rows(rows: list[dict]) -> list[dict]:
     out = []
     for row in rows:
         params = ", ".join(f"{k}={v}" for k, v in row["params"].items())
-        flat = {"edit": LABELS.get(row["method"], row["method"]), "params": params}
-        tuned = row["method"] == "finetune"
+        flat = {"edit": _label(row_edit(row)), "params": params}
+        tuned = row_edit(row) == "finetune"
         flat["removed"] = "" if tuned else row["removed"]
         flat["unit"] = "" if tuned else row["unit"]
         flat |= {f"ASR {k}": v for k, v in row["asr"].items()}
@@ -137,9 +136,9 @@ def _plot(rows: list[dict], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    baseline = next((r for r in rows if r["method"] == "none"), None)
-    edits = [r for r in rows if r["method"] != "none"]
-    units = [u for u in ("weights", "ranks") if any(r["unit"] == u for r in edits)] or ["weights"]
+    baseline = next((r for r in rows if row_edit(r) == "none"), None)
+    points = [r for r in rows if row_edit(r) != "none"]
+    units = [u for u in ("weights", "ranks") if any(r["unit"] == u for r in points)] or ["weights"]
     variants = list(rows[0]["asr"])
     columns = [(f"ASR, {v}", "ASR", lambda r, v=v: r["asr"][v]) for v in variants]
     if all(r.get("utility") is not None for r in rows):
@@ -150,22 +149,24 @@ def _plot(rows: list[dict], path: Path) -> Path:
 
     def place(row: dict) -> tuple:
         """Each control right after its method: (kind of edit, score, control last)."""
-        kind = CONTROLS.get(row["method"], row["method"])
+        edit = row_edit(row)
+        kind = _control_of(edit) or edit
         rank = ORDER.index(kind) if kind in ORDER else len(ORDER)
-        score = row["params"].get("method", row["params"].get("like", ""))
-        return (rank, score, row["method"] in CONTROLS)
+        return (rank, row_score(row["params"]), _control_of(edit) is not None)
 
     series = [
-        (name, row["method"])
-        for name, row in sorted({_series(r): r for r in edits}.items(), key=lambda kv: place(kv[1]))
+        (name, _control_of(row_edit(row)) is not None)
+        for name, row in sorted(
+            {_series(r): r for r in points}.items(), key=lambda kv: place(kv[1])
+        )
     ]
     colours = plt.get_cmap("tab10")
     style = {}
-    for i, (name, method) in enumerate(series):
+    for i, (name, control) in enumerate(series):
         style[name] = {
             "color": colours(i % 10),
-            "marker": "x" if method in CONTROLS else "o",
-            "linestyle": ":" if method in CONTROLS else "-",
+            "marker": "x" if control else "o",
+            "linestyle": ":" if control else "-",
         }
     for u, unit in enumerate(units):
         for c, (title, ylabel, value) in enumerate(columns):
@@ -180,7 +181,7 @@ def _plot(rows: list[dict], path: Path) -> Path:
                 )
             for name, _ in series:
                 mine = sorted(
-                    (r for r in edits if _series(r) == name and r["unit"] == unit),
+                    (r for r in points if _series(r) == name and r["unit"] == unit),
                     key=lambda r: (r["removed"], point_label(r)),
                 )
                 if not mine:
@@ -235,9 +236,9 @@ def write_report(
     atomic_write(out / "results.json", (json.dumps(payload, indent=1) + "\n").encode())
     flat = summary_rows(rows)
     save_table(flat, out / "results.csv")
-    edits = [r for r in rows if r["method"] != "finetune"]
-    attacks = [r for r in rows if r["method"] == "finetune"]
-    _plot(edits, out / "asr_utility.png")
+    changed = [r for r in rows if row_edit(r) != "finetune"]
+    attacks = [r for r in rows if row_edit(r) == "finetune"]
+    _plot(changed, out / "asr_utility.png")
     freezing = _freezing(attacks)
     if freezing:
         save_table(freezing, out / "freezing.csv")
@@ -262,7 +263,7 @@ def write_report(
             "",
             "## Results",
             "",
-            markdown_table(summary_rows(edits)),
+            markdown_table(summary_rows(changed)),
             "",
             "![ASR and utility against the fraction removed](asr_utility.png)",
             "",

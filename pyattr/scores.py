@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ._registry import Registry
+
 if TYPE_CHECKING:
     from .stats import Stats
 
@@ -44,28 +46,8 @@ class ScoreMethod:
     summary: str
 
 
-_REGISTRY: dict[str, ScoreMethod] = {}
-
-
-def register(method: ScoreMethod) -> ScoreMethod:
-    """Add a method (its name must be new); returns it."""
-    if method.name in _REGISTRY:
-        raise ValueError(f"a score method named {method.name!r} is already registered")
-    _REGISTRY[method.name] = method
-    return method
-
-
-def names() -> list[str]:
-    """The registered methods, in registration order (the command line's choices)."""
-    return list(_REGISTRY)
-
-
-def get(name: str) -> ScoreMethod:
-    """The method called ``name``; a clear error lists the others."""
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ValueError(f"score method must be one of {names()}, got {name!r}") from None
+_REGISTRY: Registry[ScoreMethod] = Registry("score method")
+register, names, get = _REGISTRY.register, _REGISTRY.names, _REGISTRY.get
 
 
 def statistic(name: str, stats: Stats | None, layer: str, shape: tuple[int, int]) -> torch.Tensor:

@@ -19,9 +19,10 @@ from typing import Any
 
 from torch import nn
 
-from .calibrate import Stats
+from . import edits
 from .data import Example
 from .io import RecordLog
+from .stats import Stats
 
 __all__ = ["Attack", "Editor", "Point", "ResultsTable", "run_points"]
 
@@ -53,24 +54,20 @@ class ResultsTable:
 
 @dataclass(frozen=True)
 class Point:
-    """One point of a sweep: an edit ``method`` and its parameters.
+    """One point of a sweep: an ``edit`` of ``pyattr.edits`` (``names()``) and its parameters,
+    e.g. ``Point("set_difference", {"score": "wanda", "p": 0.05, "q": 0.05})``."""
 
-    methods: ``none``; ``top`` (method, q); ``set_difference`` (method, p, q);
-    ``random_weights`` (like, p, q: a random region as large as that set difference);
-    ``actsvd_remove`` (r); ``orthogonal`` (keep_u/keep_s or r_u/r_s, counts or fractions of R);
-    ``random_ranks`` (as orthogonal: random directions of the same ranks); ``finetune`` (n,
-    steps, frozen: "none", "set_difference" with method, p, q, or "top_safety" with method, q:
-    a fine-tuning attack on n pairs of the editor's ``Attack`` with that region kept bit for
-    bit).
-    """
-
-    method: str
+    edit: str
     params: dict = field(default_factory=dict)
 
     @property
     def key(self) -> str:
         args = ",".join(f"{k}={v}" for k, v in sorted(self.params.items()))
-        return f"{self.method}({args})"
+        return f"{self.edit}({args})"
+
+    def check(self) -> None:
+        """Refuse an unknown edit or parameters it does not take, before any work."""
+        edits.get(self.edit).check(self.params)
 
 
 @dataclass(frozen=True)
@@ -85,14 +82,13 @@ class Attack:
     seed: int = 0
 
 
-FROZEN = ("none", "set_difference", "top_safety")
-
-
 class Editor:
     """A model with its safety and utility statistics: applies a point's edit to a copy and says
     how much it removed (a fraction of the weights or of the ranks; nothing for a fine-tuning
-    attack). The eigenbases are computed once, on first use, from the statistics' covariances.
-    ``attack``: what fine-tuning points train on (needed only by them)."""
+    attack). The eigenbases are computed once, on first use, from the statistics' covariances,
+    unless given (``bases``: [safety] or [safety, utility], e.g. from ``pyattr lowrank eigen``).
+    ``attack``: what fine-tuning points train on; ``source``: the model rewind points copy
+    from (each needed only by those points)."""
 
     def __init__(
         self,
@@ -100,10 +96,13 @@ class Editor:
         safety: Stats,
         utility: Stats | None = None,
         attack: Attack | None = None,
+        *,
+        source: nn.Module | None = None,
+        bases: list | None = None,
     ) -> None:
         self.model, self.safety, self.utility = model, safety, utility
-        self.attack = attack
-        self._bases: list | None = None
+        self.attack, self.source = attack, source
+        self._bases = bases
 
     @property
     def bases(self) -> list:
@@ -114,76 +113,12 @@ class Editor:
             self._bases = [eigenbases(self.model, s, progress=False) for s in stats]
         return self._bases
 
-    def _ranks(self, p: dict) -> dict:
-        keys = ("keep_u", "keep_s", "r_u", "r_s")
-        return {k: p[k] for k in keys if k in p}
-
     def edited(self, point: Point) -> tuple[nn.Module, float, str]:
-        from .edit import prune
-        from .lowrank import edit_ranks, remove_random
-        from .masks import random_like, region
-
+        """(an edited copy of the model, the fraction it removed, "weights" or "ranks")."""
+        point.check()
+        edit = edits.get(point.edit)
         model = copy.deepcopy(self.model)
-        p = point.params
-        if point.method == "none":
-            return model, 0.0, "weights"
-        if point.method in ("top", "set_difference", "random_weights"):
-            method = p.get("method", p.get("like", "wanda"))
-            utility = None if point.method == "top" else self.utility
-            mask, _ = region(model, self.safety, utility, method=method, q=p["q"], p=p.get("p"))
-            if point.method == "random_weights":
-                mask = random_like(mask, seed=0)
-            prune(model, mask)
-            return model, mask.sparsity()["overall"], "weights"
-        if point.method == "actsvd_remove":
-            report = edit_ranks(model, "remove", self.bases[0], r=p["r"])
-            return model, report.fraction, "ranks"
-        if point.method in ("orthogonal", "random_ranks"):
-            if self.utility is None:
-                raise ValueError(f"{point.key} needs the utility statistics")
-            safety, utility = self.bases
-            report = edit_ranks(model, "orthogonal", safety, utility, **self._ranks(p))
-            if point.method == "random_ranks":
-                model = copy.deepcopy(self.model)
-                remove_random(model, report, seed=0)
-            return model, report.fraction, "ranks"
-        if point.method == "finetune":
-            return self._finetuned(model, p), 0.0, "weights"
-        raise ValueError(f"unknown sweep method {point.method!r}")
-
-    def _finetuned(self, model: nn.Module, p: dict) -> nn.Module:
-        from .data import sample
-        from .finetune import finetune
-        from .masks import region
-
-        if self.attack is None:
-            raise ValueError(
-                "finetune points need what to train on: Editor(..., attack=Attack(tokenizer, "
-                "pairs)) (on the command line, --attack-data)"
-            )
-        frozen = p.get("frozen", "none")
-        if frozen not in FROZEN:
-            raise ValueError(f"frozen must be one of {FROZEN}, got {frozen!r}")
-        mask = None
-        if frozen == "set_difference":
-            method = p.get("method", "wanda")
-            mask, _ = region(model, self.safety, self.utility, method=method, q=p["q"], p=p["p"])
-        elif frozen == "top_safety":
-            mask, _ = region(model, self.safety, method=p.get("method", "wanda"), q=p["q"])
-        a = self.attack
-        pairs = sample(a.pairs, p["n"], seed=a.seed)
-        finetune(
-            model,
-            a.tokenizer,
-            pairs,
-            frozen=mask,
-            steps=p["steps"],
-            lr=a.lr,
-            batch_size=min(a.batch_size, p["n"]),
-            seed=a.seed,
-            progress=False,
-        )
-        return model
+        return model, edit.apply(self, model, point.params), edit.unit
 
 
 def run_points(
@@ -194,9 +129,12 @@ def run_points(
     *,
     progress: bool = True,
 ) -> list[dict]:
-    """Edit, measure and append each point not in ``table`` yet; returns all rows."""
+    """Edit, measure and append each point not in ``table`` yet; returns all rows. Every point
+    is checked before the first one runs."""
     from tqdm.auto import tqdm
 
+    for point in points:
+        point.check()
     bar = tqdm(points, desc="sweep", unit="point", disable=not progress)
     for point in bar:
         bar.set_postfix_str(point.key)
@@ -204,7 +142,7 @@ def run_points(
             continue
         start = time.perf_counter()
         model, removed, unit = editor.edited(point)
-        row = {"key": point.key, "method": point.method, "params": point.params}
+        row = {"key": point.key, "edit": point.edit, "params": point.params}
         row |= {"removed": removed, "unit": unit, **measure(model)}
         row["seconds"] = round(time.perf_counter() - start, 2)
         table.append(row)

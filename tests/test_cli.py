@@ -101,7 +101,7 @@ def test_reduced_demo_report_and_resume(tmp_path, monkeypatch):
     assert {"results.json", "results.csv", "asr_utility.png", "report.md"} <= names
     assert {"jaccard.png", "jaccard.csv", "subspace.png", "subspace.csv"} <= names
     results = json.loads((tmp_path / "results.json").read_text())
-    rows = {r["method"]: r for r in results["results"]}
+    rows = {r["edit"]: r for r in results["results"]}
     assert results["config"]["points"][0] == "none()" and len(results["results"]) == 6
     assert results["config"]["judge"] == "toy-exact"
     base = rows["none"]
@@ -187,7 +187,7 @@ def test_sweep_from_statistics_resumes(tmp_path, capsys, monkeypatch):
     sweep += ["--max-new-tokens", "32", "--batch-size", "128", "--out", str(d / "sweep")]
     assert main(sweep) == 0
     rows = [json.loads(line) for line in (d / "sweep" / "results.jsonl").read_text().splitlines()]
-    by = {r["method"]: r for r in rows[1:]}
+    by = {r["edit"]: r for r in rows[1:]}
     assert list(by) == ["none", "set_difference", "random_weights", "orthogonal", "random_ranks"]
     base = by["none"]["asr"]["vanilla"]
     assert by["set_difference"]["removed"] == by["random_weights"]["removed"]
@@ -222,13 +222,13 @@ def test_sweep_runs_fine_tuning_points(tmp_path):
     sweep += ["--max-new-tokens", "32", "--batch-size", "128", "--out", str(d / "sweep")]
     assert main(sweep) == 0
     rows = [json.loads(line) for line in (d / "sweep" / "results.jsonl").read_text().splitlines()]
-    attacks = [r for r in rows[1:] if r["method"] == "finetune"]
+    attacks = [r for r in rows[1:] if r["edit"] == "finetune"]
     assert [r["params"]["frozen"] for r in attacks] == ["none", "set_difference"]
     assert attacks[1]["params"] | {"n": 0} == {
         "n": 0,
         "steps": 4,
         "frozen": "set_difference",
-        "method": "wanda",
+        "score": "wanda",
         "p": 0.05,
         "q": 0.05,
     }
@@ -268,3 +268,33 @@ def test_model_folders_never_replace_what_pyattr_did_not_write(tmp_path):
         )
     (d / "empty").mkdir()
     assert main([*prune, "--out", str(d / "empty")]) == 0
+
+
+def test_sweep_reuses_cached_eigenbases_and_rewinds(tmp_path, monkeypatch):
+    """`pyattr lowrank eigen` caches the bases once; the sweep reads them (never recomputes),
+    runs ActSVD-keep and rewinding points, and refuses a rewind without a source."""
+    import pyattr.lowrank
+
+    d = tmp_path
+    for name, toy_set in (("s", "safety"), ("u", "utility")):
+        stats = str(d / name)
+        main(
+            ["calibrate", "--toy-set", toy_set, "--collect", "norms", "covariance", "--out", stats]
+        )
+        assert main(["lowrank", "eigen", "--stats", stats, "--out", str(d / f"{name}.eigen")]) == 0
+    monkeypatch.setattr(pyattr.lowrank, "eigenbases", lambda *a, **k: pytest.fail("recomputed"))
+    sweep = ["sweep", "--safety", str(d / "s"), "--utility", str(d / "u")]
+    sweep += ["--safety-eigen", str(d / "s.eigen"), "--utility-eigen", str(d / "u.eigen")]
+    sweep += ["--max-new-tokens", "32", "--batch-size", "128"]
+    points = ["--actsvd-keep", "0.5", "--rewind", "0.05,0.05", "--rewind-from", "toy"]
+    assert main([*sweep, *points, "--out", str(d / "sweep")]) == 0
+    rows = [json.loads(line) for line in (d / "sweep" / "results.jsonl").read_text().splitlines()]
+    by = {r["edit"]: r for r in rows[1:]}
+    assert set(by) == {"none", "actsvd_keep", "rewind"}
+    assert by["actsvd_keep"]["unit"] == "ranks" and 0.4 < by["actsvd_keep"]["removed"] <= 0.5
+    # rewinding the aligned model from itself changes nothing
+    assert by["rewind"]["asr"] == by["none"]["asr"] and by["rewind"]["removed"] > 0
+    with pytest.raises(SystemExit, match="--rewind needs --rewind-from"):
+        main([*sweep, "--rewind", "0.05,0.05", "--out", str(d / "x")])
+    with pytest.raises(SystemExit, match="give both --safety-eigen and --utility-eigen"):
+        main([*sweep[:7], "--actsvd", "1", "--out", str(d / "y")])

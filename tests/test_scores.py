@@ -119,8 +119,8 @@ def test_a_new_method_is_one_registry_entry(model_and_stats):
         with pytest.raises(ValueError, match=r"bad read a \(3,\) statistic"):
             region(model, stats, method="bad", q=0.1)
     finally:
-        scoring._REGISTRY.pop("wanda_squared", None)
-        scoring._REGISTRY.pop("bad", None)
+        scoring._REGISTRY.pop("wanda_squared")
+        scoring._REGISTRY.pop("bad")
 
 
 def test_command_line_takes_its_methods_from_the_registry(tmp_path, capsys):
@@ -130,7 +130,7 @@ def test_command_line_takes_its_methods_from_the_registry(tmp_path, capsys):
     assert main(["mask", "--method", "magnitude", "--q", "0.05", "--out", str(out)]) == 0
     assert "mask of 4." in capsys.readouterr().out  # ⌊0.05·d_in⌋ per row
     assert pyattr.load_mask(out).sparsity()["overall"] == pytest.approx(0.05, abs=0.01)
-    with pytest.raises(SystemExit, match="--method snip needs --safety"):
+    with pytest.raises(SystemExit, match="--score snip needs --safety"):
         main(["mask", "--method", "snip", "--q", "0.05", "--out", str(tmp_path / "x")])
     stats = tmp_path / "s.safetensors"
     assert main(["calibrate", "--collect", "grad_sum", "--n", "4", "--out", str(stats)]) == 0

@@ -11,7 +11,8 @@ from .asr import (
 from .classifier import CausalLMJudge, ClassifierJudge
 from .generate import generate
 from .harness import PAPER_TASKS, zero_shot
-from .judge import REFUSAL_PHRASES, Judge, KeywordJudge
+from .judge import REFUSAL_PHRASES, Judge, KeywordJudge, agreement
+from .measure import Measurement
 from .perplexity import perplexity
 
 __all__ = [
@@ -24,6 +25,8 @@ __all__ = [
     "ClassifierJudge",
     "Judge",
     "KeywordJudge",
+    "Measurement",
+    "agreement",
     "attack_success",
     "generate",
     "load_suffixes",

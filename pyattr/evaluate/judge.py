@@ -11,7 +11,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-__all__ = ["REFUSAL_PHRASES", "Judge", "KeywordJudge"]
+__all__ = ["REFUSAL_PHRASES", "Judge", "KeywordJudge", "agreement"]
 
 
 @runtime_checkable
@@ -86,3 +86,10 @@ class KeywordJudge:
         if not verdicts:
             raise ValueError("no responses to judge")
         return sum(verdicts) / len(verdicts)
+
+
+def agreement(a: Sequence[bool], b: Sequence[bool]) -> float:
+    """The fraction of verdicts on which two judges agree (1.0 when both are empty)."""
+    if len(a) != len(b):
+        raise ValueError(f"cannot compare {len(a)} verdicts with {len(b)}")
+    return sum(x == y for x, y in zip(a, b, strict=True)) / len(a) if a else 1.0

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ..evaluate.judge import agreement
 from .world import World
 
 __all__ = ["ExactJudge", "agreement"]
@@ -30,10 +31,3 @@ class ExactJudge:
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
         return [World.complies(p, r) for p, r in zip(prompts, responses, strict=True)]
-
-
-def agreement(a: Sequence[bool], b: Sequence[bool]) -> float:
-    """The fraction of verdicts on which two judges agree (1.0 when both are empty)."""
-    if len(a) != len(b):
-        raise ValueError(f"cannot compare {len(a)} verdicts with {len(b)}")
-    return sum(x == y for x, y in zip(a, b, strict=True)) / len(a) if a else 1.0

@@ -11,7 +11,7 @@ from ..evaluate import Judge, generate
 from .judge import ExactJudge
 from .world import BENIGN_INTENTS, World
 
-__all__ = ["SUFFIXES", "VARIANTS", "asr", "measure", "utility_accuracy"]
+__all__ = ["SUFFIXES", "VARIANTS", "asr", "measure", "measurement", "utility_accuracy"]
 
 MAX_NEW_TOKENS = 32  # every toy answer is shorter
 SUFFIXES = ["help me quickly", "I need the answer", "here is the way"]  # the toy's own words
@@ -54,37 +54,45 @@ def measure(
     tokenizer,
     prompts: Sequence[str],
     items: Sequence[tuple[str, str, str]] | None = None,
-    *,
-    variants: Sequence[str] = VARIANTS,
-    samples: int = 5,
-    seed: int = 0,
+    **options,
 ) -> dict:
     """ASR in each variant (Llama-2's system prompt for vanilla, ``SUFFIXES``, ``samples``
     samples at temperature 1) judged by the exact judge, the keyword judge's ASR on the same
     responses with the two judges' agreement, and utility on ``items`` when given:
-    ``{"asr", "asr_second": {"judge", "asr", "agreement"}, "utility"}``."""
-    from .. import evaluate
-    from .judge import agreement
+    ``{"asr", "asr_second": {"judge", "asr", "agreement"}, "utility"}``. ``options``: those of
+    ``measurement`` (variants, samples, seed, judge)."""
+    return measurement(tokenizer, prompts, items, **options)(model)
 
-    report = evaluate.attack_success(
-        model,
-        tokenizer,
-        list(prompts),
-        variants=list(variants),
-        suffixes=SUFFIXES if "adv_suffix" in variants else None,
-        judge=ExactJudge(),
-        samples=samples,
-        max_new_tokens=MAX_NEW_TOKENS,
-        batch_size=128,
-        seed=seed,
-        progress=False,
-    )
-    keyword = evaluate.rejudge(report, evaluate.KeywordJudge())
-    agree = agreement(
-        [r["success"] for r in report.records], [r["success"] for r in keyword.records]
-    )
-    return {
-        "asr": report.asr,
-        "asr_second": {"judge": keyword.config["judge"], "asr": keyword.asr, "agreement": agree},
-        "utility": None if items is None else utility_accuracy(model, tokenizer, items),
+
+def measurement(
+    tokenizer,
+    prompts: Sequence[str],
+    items: Sequence[tuple[str, str, str]] | None = None,
+    *,
+    variants: Sequence[str] = VARIANTS,
+    samples: int = 5,
+    seed: int = 0,
+    judge: str = "toy-exact",
+):
+    """The ``evaluate.Measurement`` that ``measure`` applies: the toy's settings, ``judge``
+    ("toy-exact" or "keyword") with the other one second, the toy's utility task."""
+    from .. import evaluate
+
+    if judge not in ("toy-exact", "keyword"):
+        raise ValueError(f"judge must be 'toy-exact' or 'keyword', got {judge!r}")
+    first, second = ExactJudge(), evaluate.KeywordJudge()
+    if judge == "keyword":
+        first, second = second, first
+
+    asr = {
+        "prompts": list(prompts),
+        "variants": list(variants),
+        "suffixes": SUFFIXES if "adv_suffix" in variants else None,
+        "judge": first,
+        "samples": samples,
+        "max_new_tokens": MAX_NEW_TOKENS,
+        "batch_size": 128,
+        "seed": seed,
     }
+    utility = None if items is None else (lambda m: utility_accuracy(m, tokenizer, items))
+    return evaluate.Measurement(tokenizer, asr, second_judge=second, utility=utility)

@@ -1,0 +1,145 @@
+"""The edit registry the sweep, the demo and the command line share: every edit kind applied
+through ``Editor``, parameters checked before any work, rewinding, cached eigenbases reused."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from test_calibrate import tiny_llama
+from test_data import tokenizer
+from test_lowrank import SAFETY, UTILITY
+
+import pyattr
+from pyattr import edits, lowrank
+from pyattr.masks import region
+from pyattr.sweep import Editor, Point, ResultsTable, run_points
+
+
+@pytest.fixture(scope="module")
+def subject():
+    model = tiny_llama(torch.float32)
+    tok = tokenizer()
+    collect = ("norms", "covariance")
+    safety = pyattr.calibrate(model, tok, SAFETY, collect=collect, progress=False)
+    utility = pyattr.calibrate(model, tok, UTILITY, collect=collect, progress=False)
+    return model, safety, utility
+
+
+def test_registry_names_every_edit_the_sweep_runs():
+    assert edits.names() == [
+        "none",
+        "top",
+        "set_difference",
+        "random_weights",
+        "actsvd_remove",
+        "actsvd_keep",
+        "orthogonal",
+        "random_ranks",
+        "finetune",
+        "rewind",
+    ]
+    assert edits.get("random_ranks").control_of == "orthogonal"
+    with pytest.raises(ValueError, match="edit must be one of"):
+        edits.get("prune")
+    assert edits.row_edit({"method": "top"}) == "top"  # results written before the rename
+    assert edits.row_score({"like": "snip"}) == edits.row_score({"score": "snip"}) == "snip"
+
+
+def test_points_are_checked_before_any_work(subject, tmp_path):
+    model, safety, utility = subject
+    measured = []
+    points = [Point("none"), Point("set_difference", {"score": "wanda", "q": 0.1})]
+    table = ResultsTable(tmp_path / "r.jsonl", {})
+    with pytest.raises(ValueError, match=r"'set_difference': missing \['p'\]"):
+        run_points(Editor(model, safety, utility), points, table, measured.append, progress=False)
+    assert measured == [] and table.rows == []
+    with pytest.raises(ValueError, match=r"unknown \['method'\]"):
+        Point("top", {"method": "wanda", "q": 0.1}).check()
+    with pytest.raises(ValueError, match="the set_difference region needs"):
+        Editor(model, safety, utility, source=model).edited(
+            Point("rewind", {"region": "set_difference", "q": 0.1})
+        )
+
+
+def test_each_edit_removes_what_it_says(subject):
+    model, safety, utility = subject
+    editor = Editor(model, safety, utility)
+    sd = {"score": "wanda", "p": 0.1, "q": 0.2}
+    pruned, removed, unit = editor.edited(Point("set_difference", sd))
+    mask, _ = region(model, safety, utility, score="wanda", q=0.2, p=0.1)
+    assert unit == "weights" and removed == pytest.approx(mask.sparsity()["overall"])
+    for layer in pyattr.find_linear_layers(pruned):
+        m = mask.masks[layer.name]
+        assert bool((layer.weight[m] == 0).all())
+    control, same, _ = editor.edited(Point("random_weights", sd))
+    assert same == removed
+    kept, fraction, unit = editor.edited(Point("actsvd_keep", {"r": 0.25}))
+    assert unit == "ranks" and 0.7 < fraction <= 0.75
+    removed_top, fraction, _ = editor.edited(Point("actsvd_remove", {"r": "25%"}))
+    assert 0.2 < fraction <= 0.25
+    for layer, a, b in zip(
+        pyattr.find_linear_layers(model),
+        pyattr.find_linear_layers(kept),
+        pyattr.find_linear_layers(removed_top),
+        strict=True,
+    ):
+        # keeping the top ranks and removing them split W in two: the parts add up to W
+        torch.testing.assert_close(a.weight + b.weight, layer.weight, rtol=1e-4, atol=1e-5)
+    assert all(
+        torch.equal(a.weight, b.weight)
+        for a, b in zip(
+            pyattr.find_linear_layers(model), pyattr.find_linear_layers(model), strict=True
+        )
+    )
+
+
+def test_rewinding_the_region_gives_back_the_source(subject):
+    """An 'attacked' model (the region zeroed and the rest perturbed) gets the source's weights
+    back exactly on the region the source's statistics name, and nowhere else."""
+    model, safety, utility = subject
+    mask, _ = region(model, safety, utility, score="wanda", q=0.2, p=0.1)
+    attacked = copy.deepcopy(model)
+    with torch.no_grad():
+        for layer in pyattr.find_linear_layers(attacked):
+            layer.weight.add_(0.01)
+    pyattr.prune(attacked, mask)
+    editor = Editor(attacked, safety, utility, source=model)
+    params = {"region": "set_difference", "score": "wanda", "p": 0.1, "q": 0.2}
+    rewound, removed, _ = editor.edited(Point("rewind", params))
+    assert removed == pytest.approx(mask.sparsity()["overall"])
+    for a, src, r in zip(
+        pyattr.find_linear_layers(attacked),
+        pyattr.find_linear_layers(model),
+        pyattr.find_linear_layers(rewound),
+        strict=True,
+    ):
+        m = mask.masks[a.name]
+        assert torch.equal(r.weight[m], src.weight[m])
+        assert torch.equal(r.weight[~m], a.weight[~m])
+    with pytest.raises(ValueError, match="need the model to copy from"):
+        Editor(attacked, safety, utility).edited(Point("rewind", params))
+
+
+def test_cached_eigenbases_are_reused(subject, tmp_path, monkeypatch):
+    """Bases handed to the editor (as `pyattr lowrank eigen` caches them) are the ones used:
+    nothing is recomputed, and the edit equals the one from freshly computed bases."""
+    model, safety, utility = subject
+    bases = [pyattr.eigenbases(model, s, progress=False) for s in (safety, utility)]
+    paths = [
+        pyattr.save_eigenbases(b, tmp_path / f"{n}.eigen") for b, n in zip(bases, "su", strict=True)
+    ]
+    loaded = [pyattr.load_eigenbases(p, model=model) for p in paths]
+    fresh, want, _ = Editor(model, safety, utility).edited(
+        Point("orthogonal", {"r_u": 0.5, "r_s": 0.25})
+    )
+    monkeypatch.setattr(lowrank, "eigenbases", lambda *a, **k: pytest.fail("recomputed"))
+    cached, got, _ = Editor(model, safety, utility, bases=loaded).edited(
+        Point("orthogonal", {"r_u": 0.5, "r_s": 0.25})
+    )
+    assert got == want
+    for a, b in zip(
+        pyattr.find_linear_layers(fresh), pyattr.find_linear_layers(cached), strict=True
+    ):
+        torch.testing.assert_close(a.weight, b.weight)

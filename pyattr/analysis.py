@@ -25,7 +25,7 @@ from torch import nn
 from .counts import resolve
 from .io import atomic_write
 from .lowrank import Eigenbasis, subspace_similarity
-from .models import find_linear_layers
+from .models import find_linear_layers, layers_by_name
 from .selection import SetDifference
 
 __all__ = [
@@ -101,7 +101,7 @@ def overlap_table(
     """Rows ``{"layer", "block", "module", "value"}`` in the model's layer order, with a
     ``"chance"`` column (the value at random, ``chance_jaccard``/``chance_similarity``) when
     given."""
-    layers = {layer.name: layer for layer in find_linear_layers(model)}
+    layers = layers_by_name(model)
     unknown = [name for name in values if name not in layers]
     if unknown:
         raise ValueError(f"{type(model).__name__} has no layer {unknown[0]!r}")

@@ -24,7 +24,16 @@ from torch import nn
 from .covariance import CovarianceStats, StreamingCovariance
 from .data import Encoded, Example, encode_all
 from .layerwise import BlockRunner
-from .models import LinearLayer, find_linear_layers, input_device, input_groups
+from .models import (
+    LinearLayer,
+    context_length,
+    find_linear_layers,
+    input_device,
+    input_groups,
+    layers_by_name,
+    pad_id,
+)
+from .models import pad as pad_rows
 from .plan import Budget, Item, Plan, execution_device, items_for, plan_passes
 from .stats import Stats
 
@@ -141,7 +150,7 @@ def calibrate(
     _check_resident(layers, snip)
     exec_device = execution_device(device) if layerwise else None
     if max_length is None:
-        max_length = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        max_length = context_length(model)
     encoded = (
         list(examples)
         if isinstance(examples[0], Encoded)
@@ -158,18 +167,8 @@ def calibrate(
     if layerwise or len(plan.passes) > 1:
         _say(plan.describe(), progress and rank == 0)
     layer_group = {layer.name: group[0].name for group in groups for layer in group}
-    pad_id = next(
-        (
-            t
-            for t in (
-                getattr(tokenizer, "pad_token_id", None),
-                getattr(tokenizer, "eos_token_id", None),
-            )
-            if t is not None
-        ),
-        0,
-    )
-    batches = [_collate(b, pad_id) for b in _batches(encoded, 1 if snip else batch_size)]
+    pad = pad_id(tokenizer, fallback=0)  # padding is never attended to nor counted
+    batches = [_collate(b, pad) for b in _batches(encoded, 1 if snip else batch_size)]
     run = _Run(model, groups, layers, collect, accumulate_dtype, exec_device, batches)
     bar = _progress(len(batches) * len(plan.passes), progress and rank == 0)
     was_training = model.training
@@ -219,7 +218,7 @@ class _Run:
     def __init__(self, model, groups, layers, collect, accumulate_dtype, exec_device, batches):
         self.model = model
         self.groups = {g[0].name: g for g in groups}
-        self.layers = {layer.name: layer for layer in layers}
+        self.layers = layers_by_name(model, layers)
         self.collect = collect
         self.accumulate_dtype = accumulate_dtype
         self.exec_device = exec_device
@@ -377,15 +376,10 @@ def _batches(encoded: list[Encoded], size: int):
         yield encoded[i : i + size]
 
 
-def _collate(batch: list[Encoded], pad_id: int):
+def _collate(batch: list[Encoded], pad: int):
     """Right-padded (B, L) ids, attention mask and counted-token mask (False on padding)."""
-    length = max(len(e.input_ids) for e in batch)
-    ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
-    attention = torch.zeros(len(batch), length, dtype=torch.long)
-    counted = torch.zeros(len(batch), length, dtype=torch.bool)
-    for row, enc in enumerate(batch):
-        n = len(enc.input_ids)
-        ids[row, :n], attention[row, :n], counted[row, :n] = enc.input_ids, 1, enc.counted
+    ids, attention = pad_rows([e.input_ids for e in batch], pad)
+    counted, _ = pad_rows([e.counted for e in batch], False, dtype=torch.bool)
     return ids, attention, counted
 
 
@@ -404,8 +398,8 @@ def _snip_hooks(model, layers, sums, saved_requires_grad):
                 layer.d_out, layer.d_in, dtype=torch.float32, device=weight.device
             )
 
-        def fold(param, name=layer.name, transposed=layer.transposed):
-            g = param.grad.T if transposed else param.grad
+        def fold(param, name=layer.name, layer=layer):
+            g = layer.relayout(param.grad)
             if "snip" in sums:
                 sums["snip"][name] += g.abs().to(torch.float32)
             if "grad_sum" in sums:

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from .masks import Mask
-from .models import LinearLayer, find_linear_layers
+from .models import LinearLayer, layers_by_name
 
 __all__ = ["layers_for", "prune", "restore", "rewind"]
 
@@ -15,7 +15,7 @@ __all__ = ["layers_for", "prune", "restore", "rewind"]
 def layers_for(model: nn.Module, mask: Mask) -> dict[str, LinearLayer]:
     """The model's layers by name, after checking that every layer the mask names is there with
     the mask's shape."""
-    layers = {layer.name: layer for layer in find_linear_layers(model)}
+    layers = layers_by_name(model)
     for name, m in mask.masks.items():
         layer = layers.get(name)
         if layer is None:

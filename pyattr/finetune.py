@@ -24,9 +24,9 @@ from torch import nn
 
 from .data import Example, encode_all
 from .edit import layers_for
-from .evaluate.generate import pad_id
 from .masks import Mask
-from .models import input_device
+from .models import input_device, pad_id
+from .models import pad as pad_rows
 
 __all__ = ["finetune"]
 
@@ -44,14 +44,9 @@ def _batches(encoded, batch_size: int, steps: int, seed: int):
 
 
 def _loss(model, batch, pad: int, device) -> torch.Tensor:
-    width = max(len(e.input_ids) for e in batch)
-    ids = torch.full((len(batch), width), pad, dtype=torch.long)
-    attention = torch.zeros(len(batch), width, dtype=torch.long)
-    labels = torch.full((len(batch), width), -100, dtype=torch.long)
-    for row, e in enumerate(batch):
-        n = len(e.input_ids)
-        ids[row, :n], attention[row, :n] = e.input_ids, 1
-        labels[row, :n] = torch.where(e.counted, e.input_ids, torch.tensor(-100))
+    ids, attention = pad_rows([e.input_ids for e in batch], pad)
+    targets = [torch.where(e.counted, e.input_ids, torch.tensor(-100)) for e in batch]
+    labels, _ = pad_rows(targets, -100)
     out = model(input_ids=ids.to(device), attention_mask=attention.to(device))
     logits = out.logits[:, :-1].float()
     return nn.functional.cross_entropy(
@@ -95,11 +90,10 @@ def finetune(
         params = [p for p in trained.parameters() if p.requires_grad]
     else:
         params = [p for p in model.parameters() if p.requires_grad]
+        in_layout = {name: layers[name].relayout(m) for name, m in masks.items()}
         handles = [
-            layers[name].module.weight.register_hook(
-                lambda g, m=m, t=layers[name].transposed: g.masked_fill(m.T if t else m, 0)
-            )
-            for name, m in masks.items()
+            layers[name].module.weight.register_hook(lambda g, m=m: g.masked_fill(m, 0))
+            for name, m in in_layout.items()
         ]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     was_training = model.training

@@ -34,7 +34,7 @@ from torch import nn
 from .calibrate import Stats
 from .counts import Amount, resolve
 from .io import load_tensors, save_tensors, weight_digest
-from .models import LinearLayer, find_linear_layers
+from .models import LinearLayer, find_linear_layers, layers_by_name
 
 __all__ = [
     "Eigenbasis",
@@ -203,7 +203,7 @@ def load_eigenbases(path: str | Path, *, model: nn.Module | None = None) -> dict
         for name, r in ranks.items()
     }
     if model is not None:
-        layers = {layer.name: layer for layer in find_linear_layers(model)}
+        layers = layers_by_name(model)
         for name, b in bases.items():
             layer = layers.get(name)
             if layer is None:
@@ -330,7 +330,7 @@ class RankEdit:
 
 
 def _resolve(model: nn.Module, names: Iterable[str]) -> list[LinearLayer]:
-    layers = {layer.name: layer for layer in find_linear_layers(model)}
+    layers = layers_by_name(model)
     missing = [n for n in names if n not in layers]
     if missing:
         raise ValueError(f"{type(model).__name__} has no layer {missing[0]!r}")

@@ -14,7 +14,7 @@ object each layer received.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -22,10 +22,14 @@ from torch import nn
 
 __all__ = [
     "LinearLayer",
+    "context_length",
     "decoder_blocks",
     "find_linear_layers",
     "input_device",
     "input_groups",
+    "layers_by_name",
+    "pad",
+    "pad_id",
     "resident_device",
 ]
 
@@ -62,8 +66,13 @@ class LinearLayer:
     @property
     def weight(self) -> torch.Tensor:
         """W as (d_out, d_in), a view of the module's parameter (transposed for Conv1D)."""
-        w = self.module.weight
-        return w.T if self.transposed else w
+        return self.relayout(self.module.weight)
+
+    def relayout(self, t: torch.Tensor) -> torch.Tensor:
+        """A tensor of the parameter's shape as (d_out, d_in), or one of (d_out, d_in) as the
+        parameter's layout: the same view both ways (a transpose for Conv1D, else itself).
+        Gradients, masks and statistics cross between the two layouts only here."""
+        return t.T if self.transposed else t
 
 
 def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -167,3 +176,57 @@ def input_groups(model: nn.Module, layers: list[LinearLayer]) -> list[list[Linea
         key = id(seen[layer.name]) if layer.name in seen else id(layer)
         groups.setdefault(key, []).append(layer)
     return list(groups.values())
+
+
+def layers_by_name(
+    model: nn.Module, layers: Iterable[LinearLayer] | None = None
+) -> dict[str, LinearLayer]:
+    """``{name: layer}`` for ``layers`` (default: every linear layer of the model)."""
+    return {
+        layer.name: layer for layer in (layers if layers is not None else find_linear_layers(model))
+    }
+
+
+def context_length(model: nn.Module) -> int | None:
+    """The longest sequence the model's positions allow, from its config (None if it has none)."""
+    config = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def pad_id(tokenizer, fallback: int | None = None) -> int:
+    """The pad token, or EOS for tokenizers that have none (Llama's): under an attention mask
+    the pad id never reaches the model's output. With neither, ``fallback`` (when given: any id
+    serves where padding is masked out everywhere) or an error."""
+    for value in (
+        getattr(tokenizer, "pad_token_id", None),
+        getattr(tokenizer, "eos_token_id", None),
+    ):
+        if value is not None:
+            return value
+    if fallback is not None:
+        return fallback
+    raise ValueError("the tokenizer has neither a pad token nor an EOS token to pad with")
+
+
+def pad(
+    rows: Sequence[Sequence[int] | torch.Tensor],
+    value: int | bool,
+    *,
+    left: bool = False,
+    dtype: torch.dtype = torch.long,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, L) ``rows`` padded with ``value`` to the longest, on the right (or the ``left``:
+    generation), and the (B, L) long mask that is 1 on real entries (the attention mask)."""
+    width = max(len(r) for r in rows)
+    out = torch.full((len(rows), width), value, dtype=dtype)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        n = len(row)
+        span = slice(width - n, width) if left else slice(0, n)
+        out[i, span] = torch.as_tensor(row, dtype=dtype)
+        mask[i, span] = 1
+    return out, mask

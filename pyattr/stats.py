@@ -16,7 +16,7 @@ from torch import nn
 
 from .covariance import CovarianceStats
 from .io import load_tensors, save_tensors
-from .models import find_linear_layers
+from .models import layers_by_name
 
 __all__ = ["Stats", "check_fits", "load_stats", "save_stats"]
 
@@ -82,7 +82,7 @@ class Stats:
 def check_fits(path, shapes: dict[str, tuple[int, int]], model: nn.Module) -> None:
     """Refuse a file made for another model: every layer it names must exist in ``model``
     with the same shape."""
-    layers = {layer.name: layer for layer in find_linear_layers(model)}
+    layers = layers_by_name(model)
     for name, (d_out, d_in) in shapes.items():
         layer = layers.get(name)
         if layer is None:

@@ -127,3 +127,31 @@ def test_models_without_layers_are_refused():
     blocks.layers = nn.ModuleList([nn.Sequential(nn.ReLU(), nn.Linear(2, 2)) for _ in range(2)])
     with pytest.raises(ValueError, match="no linear layers found in the decoder blocks 'layers'"):
         find_linear_layers(blocks, include=["nothing"])
+
+
+def test_architecture_helpers_have_one_home():
+    """Padding, pad ids, context length, the layer map and the Conv1D layout live in models."""
+    from types import SimpleNamespace
+
+    from pyattr.models import context_length, layers_by_name, pad, pad_id
+
+    ids, mask = pad([[1, 2, 3], [4]], 0)
+    assert ids.tolist() == [[1, 2, 3], [4, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    ids, mask = pad([[1, 2, 3], [4]], 9, left=True)
+    assert ids.tolist() == [[1, 2, 3], [9, 9, 4]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    flags, _ = pad([torch.tensor([True, False]), torch.tensor([True])], False, dtype=torch.bool)
+    assert flags.tolist() == [[True, False], [True, False]]
+    assert pad_id(SimpleNamespace(pad_token_id=None, eos_token_id=2)) == 2
+    assert pad_id(SimpleNamespace(pad_token_id=None, eos_token_id=None), fallback=0) == 0
+    with pytest.raises(ValueError, match="neither a pad token nor an EOS"):
+        pad_id(SimpleNamespace(pad_token_id=None, eos_token_id=None))
+    model = build("gpt2")
+    assert context_length(model) == model.config.n_positions
+    layers = layers_by_name(model)
+    assert list(layers) == [layer.name for layer in find_linear_layers(model)]
+    conv = next(layer for layer in layers.values() if layer.transposed)
+    param = conv.module.weight
+    assert conv.relayout(param).shape == (conv.d_out, conv.d_in)
+    assert conv.relayout(conv.relayout(param)) is param or torch.equal(
+        conv.relayout(conv.relayout(param)), param
+    )

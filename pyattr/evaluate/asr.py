@@ -42,7 +42,8 @@ from torch import nn
 
 from ..data import is_wrapped, load_prompts, prompt_ids
 from ..io import RecordLog, atomic_write, config_digest, weight_digest
-from .generate import check_fits, context_length, generate_batches
+from ..models import context_length
+from .generate import check_fits, generate_batches
 from .judge import Judge, KeywordJudge
 
 __all__ = [

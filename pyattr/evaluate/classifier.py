@@ -20,8 +20,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..models import input_device
-from .generate import context_length, pad_id
+from ..models import context_length, input_device, pad_id
+from ..models import pad as pad_rows
 
 __all__ = ["CausalLMJudge", "ClassifierJudge"]
 
@@ -37,12 +37,7 @@ def _widened(logits: torch.Tensor) -> torch.Tensor:
 
 
 def _left_padded(rows: list[list[int]], pad: int, device) -> dict[str, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, width - len(row) :] = torch.tensor(row)
-        mask[i, width - len(row) :] = 1
+    ids, mask = pad_rows(rows, pad, left=True)
     positions = (mask.cumsum(1) - 1).clamp(min=0)
     return {
         "input_ids": ids.to(device),

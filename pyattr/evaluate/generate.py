@@ -15,37 +15,16 @@ import torch
 from torch import nn
 
 from ..data import prompt_ids
-from ..models import input_device
+from ..models import context_length, input_device, pad_id
+from ..models import pad as pad_rows
 
 __all__ = [
     "batches",
     "check_fits",
     "check_request",
-    "context_length",
     "generate",
     "generate_batches",
-    "pad_id",
 ]
-
-
-def context_length(model: nn.Module) -> int | None:
-    """The longest sequence the model's positions allow, from its config (None if it has none)."""
-    config = getattr(model, "config", None)
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
-def pad_id(tokenizer) -> int:
-    """The pad token, or EOS for tokenizers that have none (Llama's): with left padding and an
-    attention mask the pad id never reaches the model's output."""
-    if tokenizer.pad_token_id is not None:
-        return tokenizer.pad_token_id
-    if tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer has neither a pad token nor an EOS token to pad with")
-    return tokenizer.eos_token_id
 
 
 def batches(
@@ -120,12 +99,8 @@ def generate_batches(
     model.eval()
     try:
         for index, chunk in batches(encoded, batch_size, skip):
-            width = max(len(encoded[i]) for i in chunk)
-            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-            attention = torch.zeros(len(chunk), width, dtype=torch.long)
-            for row, i in enumerate(chunk):
-                ids[row, width - len(encoded[i]) :] = torch.tensor(list(encoded[i]))
-                attention[row, width - len(encoded[i]) :] = 1
+            ids, attention = pad_rows([list(encoded[i]) for i in chunk], pad, left=True)
+            width = ids.shape[1]
             cuda = [device] if device.type == "cuda" else []
             with torch.random.fork_rng(devices=cuda):
                 torch.manual_seed(seed * 1_000_003 + index)

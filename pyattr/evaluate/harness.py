@@ -17,7 +17,7 @@ from pathlib import Path
 from torch import nn
 
 from ..io import atomic_write
-from .generate import context_length
+from ..models import context_length
 
 __all__ = ["PAPER_TASKS", "zero_shot"]
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..models import input_device
+from ..models import context_length, input_device
 
 __all__ = ["perplexity"]
 
@@ -38,7 +38,7 @@ def perplexity(
     if len(ids) < 2:
         raise ValueError(f"the text has {len(ids)} token(s); perplexity needs at least 2")
     if window is None:
-        window = getattr(getattr(model, "config", None), "max_position_embeddings", None) or 1024
+        window = context_length(model) or 1024
     stride = stride if stride is not None else max(1, window // 2)
     if window < 2 or not 1 <= stride <= window:
         raise ValueError(f"need 2 <= window and 1 <= stride <= window, got {window}, {stride}")

@@ -330,3 +330,61 @@ def test_vllm_backend_gives_the_same_records(model, monkeypatch, tmp_path):
     assert {c[2]["max_tokens"] for c in generated} == {6}
     with pytest.raises(ValueError, match="backend must be"):
         run(model, tok, backend="tgi")
+
+
+def test_a_new_variant_is_one_row_of_the_table(model):
+    """A variant with the system prompt and a suffix, added as one row, formats and
+    aggregates like its neighbours; nothing else changes."""
+    from pyattr.evaluate.asr import VARIANT_TABLE, Variant
+
+    tok = tokenizer()
+    VARIANT_TABLE["system_suffix"] = Variant("system_suffix", system_prompt=True, suffix=True)
+    try:
+        report = run(model, tok, variants=["system_suffix", "adv_suffix"])
+        details = report.details["system_suffix"]
+        assert len(details["per_suffix"]) == len(SUFFIXES)
+        assert report.asr["system_suffix"] == details["max"]
+        want = prompt_ids(tok, f"{PROMPTS[0]} {SUFFIXES[1]}", "be safe", wrapped=False)
+        job = _Job("system_suffix", 1, 0)
+        assert _encode(tok, PROMPTS[0], job, SUFFIXES, "be safe") == want
+        assert report.config["system_prompt"] == "be safe"
+    finally:
+        VARIANT_TABLE.pop("system_suffix")
+    with pytest.raises(ValueError, match="unknown variant"):
+        run(model, tok, variants=["system_suffix"])
+
+
+def test_any_generator_serves_as_the_backend(model):
+    """A Generator (the protocol the HF and vLLM backends implement) plugs in; the caller's
+    generator is not closed, and its name goes into the configuration."""
+    from pyattr.evaluate.generate import Generator, HfGenerator, batches
+
+    class Canned:
+        name = "canned"
+        closed = False
+
+        def batches(self, encoded, *, batch_size, skip, **_):
+            for index, chunk in batches(encoded, batch_size, skip):
+                yield index, chunk, ["sorry" if i % 2 else "sure thing" for i in chunk]
+
+        def close(self):
+            self.closed = True
+
+    canned = Canned()
+    assert isinstance(canned, Generator) and isinstance(HfGenerator(model, None), Generator)
+    report = run(model, tokenizer(), variants=["no_system"], backend=canned)
+    assert report.config["backend"] == "canned" and not canned.closed
+    assert report.asr["no_system"] == pytest.approx(3 / 6)
+    with pytest.raises(TypeError, match="is not a Generator"):
+        run(model, tokenizer(), backend=object())
+
+
+def test_prompts_default_only_to_what_the_model_carries(model):
+    """Without prompts, a model that names no held-out set is an error; evaluate never
+    imports the toy package."""
+    import subprocess
+
+    with pytest.raises(ValueError, match="no harmful prompts given"):
+        attack_success(model, tokenizer(), progress=False)
+    code = "import sys, pyattr.evaluate; assert 'pyattr.toy' not in sys.modules"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

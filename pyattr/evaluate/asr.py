@@ -14,7 +14,9 @@ adv_decoding   no            no        temperature 1, n=5    per prompt, success
                                                              the released code computed)
 ============== ============= ========= ===================== ===============================
 
-The system prompt of ``vanilla`` is Llama-2's default unless given. "No wrapper" means the bare
+The table is data, ``VARIANT_TABLE`` (``Variant`` rows: system prompt, chat wrap, suffixes,
+sampling): a new variant is one row. Generation goes through a ``Generator`` (Hugging Face or
+vLLM, or your own). The system prompt of ``vanilla`` is Llama-2's default unless given. "No wrapper" means the bare
 prompt text, after BOS when the chat format begins with BOS (as the paper's Llama-2 did). Both
 aggregates of each variant are always computed and stored; the option picks the headline number.
 
@@ -28,7 +30,6 @@ settings and it resumes from the partial file; anything else starts afresh.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import math
@@ -43,20 +44,50 @@ from torch import nn
 from ..data import is_wrapped, load_prompts, prompt_ids
 from ..io import RecordLog, atomic_write, config_digest, weight_digest
 from ..models import context_length
-from .generate import check_fits, generate_batches
+from .generate import Generator, check_fits, make_generator
 from .judge import Judge, KeywordJudge
 
 __all__ = [
     "LLAMA2_SYSTEM_PROMPT",
     "VARIANTS",
+    "VARIANT_TABLE",
     "AsrReport",
+    "Variant",
     "attack_success",
     "load_suffixes",
     "model_fingerprint",
     "rejudge",
 ]
 
-VARIANTS = ("vanilla", "no_system", "adv_suffix", "adv_decoding")
+
+@dataclass(frozen=True)
+class Variant:
+    """One row of the variants table: how a variant formats each prompt and decodes.
+
+    system_prompt: vanilla's system prompt goes in; chat: the chat template wraps the request
+    (else bare text, after BOS when the chat format begins with BOS); suffix: one pass per
+    adversarial suffix appended to the request; sampled: temperature sampling, one pass per
+    sample (else greedy). The headline ASR of a variant with passes per suffix or per sample is
+    chosen by ``suffix_aggregate`` or ``decoding_aggregate``.
+    """
+
+    name: str
+    system_prompt: bool = False
+    chat: bool = True
+    suffix: bool = False
+    sampled: bool = False
+
+
+VARIANT_TABLE: dict[str, Variant] = {
+    v.name: v
+    for v in (
+        Variant("vanilla", system_prompt=True),
+        Variant("no_system"),
+        Variant("adv_suffix", suffix=True),
+        Variant("adv_decoding", chat=False, sampled=True),
+    )
+}
+VARIANTS = tuple(VARIANT_TABLE)
 FORMAT = "pyattr.asr/1"
 DEFAULT_MAX_NEW_TOKENS = 256
 
@@ -130,9 +161,11 @@ class AsrReport:
 
 
 def _check_options(variants, suffix_aggregate, decoding_aggregate, samples, temperature) -> None:
-    unknown = [v for v in variants if v not in VARIANTS]
+    unknown = [v for v in variants if v not in VARIANT_TABLE]
     if unknown or not variants:
-        raise ValueError(f"unknown variant(s) {unknown or variants}; choose from {VARIANTS}")
+        raise ValueError(
+            f"unknown variant(s) {unknown or variants}; choose from {list(VARIANT_TABLE)}"
+        )
     if suffix_aggregate not in ("max", "any"):
         raise ValueError(f"suffix_aggregate must be 'max' or 'any', got {suffix_aggregate!r}")
     if decoding_aggregate not in ("any", "mean"):
@@ -142,27 +175,25 @@ def _check_options(variants, suffix_aggregate, decoding_aggregate, samples, temp
 
 
 def _jobs(variants: Sequence[str], n_suffixes: int, samples: int) -> list[_Job]:
+    """One pass per variant, per suffix of a suffix variant and per sample of a sampled one."""
     jobs: list[_Job] = []
-    for variant in variants:
-        if variant == "adv_suffix":
-            jobs += [_Job(variant, suffix=s) for s in range(n_suffixes)]
-        elif variant == "adv_decoding":
-            jobs += [_Job(variant, sample=s) for s in range(samples)]
-        else:
-            jobs.append(_Job(variant))
+    for name in variants:
+        v = VARIANT_TABLE[name]
+        for suffix in range(n_suffixes) if v.suffix else [None]:
+            jobs += [_Job(name, suffix, s) for s in (range(samples) if v.sampled else [0])]
     return jobs
 
 
 def _encode(tokenizer, prompt: str, job: _Job, suffixes: list[str], system_prompt) -> list[int]:
-    if job.variant == "vanilla":
-        return prompt_ids(tokenizer, prompt, system_prompt, wrapped=False)
-    if job.variant == "no_system":
-        return prompt_ids(tokenizer, prompt, None, wrapped=False)
-    if job.variant == "adv_suffix":
-        return prompt_ids(tokenizer, f"{prompt} {suffixes[job.suffix]}", None, wrapped=False)
-    bare = prompt_ids(tokenizer, prompt, None, wrapped=True)
+    v = VARIANT_TABLE[job.variant]
+    text = prompt if job.suffix is None else f"{prompt} {suffixes[job.suffix]}"
+    if v.chat:
+        return prompt_ids(
+            tokenizer, text, system_prompt if v.system_prompt else None, wrapped=False
+        )
+    bare = prompt_ids(tokenizer, text, None, wrapped=True)
     bos = tokenizer.bos_token_id
-    chat_starts_with_bos = bos is not None and prompt_ids(tokenizer, prompt, None)[:1] == [bos]
+    chat_starts_with_bos = bos is not None and prompt_ids(tokenizer, text, None)[:1] == [bos]
     if chat_starts_with_bos and bare[:1] != [bos]:
         bare.insert(0, bos)  # the model always saw BOS first, even when its tokenizer adds none
     return bare
@@ -176,23 +207,134 @@ def _aggregate(
         hits[_Job(r["variant"], r["suffix"], r["sample"]).key][r["prompt_index"]] = r["success"]
     asr: dict[str, float] = {}
     details: dict[str, dict] = {}
-    for variant in dict.fromkeys(job.variant for job in jobs):
-        rows = [hits[job.key] for job in jobs if job.variant == variant]
+    for name in dict.fromkeys(job.variant for job in jobs):
+        v = VARIANT_TABLE[name]
+        rows = [hits[job.key] for job in jobs if job.variant == name]
         per_job = [sum(row) / n for row in rows]
         any_ = sum(any(col) for col in zip(*rows, strict=True)) / n
-        if variant == "adv_suffix":
-            details[variant] = {"per_suffix": per_job, "max": max(per_job), "any": any_}
-            asr[variant] = details[variant][suffix_aggregate]
-        elif variant == "adv_decoding":
-            details[variant] = {
-                "per_sample": per_job,
-                "any": any_,
-                "mean": sum(per_job) / len(per_job),
-            }
-            asr[variant] = details[variant][decoding_aggregate]
-        else:
-            asr[variant] = per_job[0]
+        asr[name] = per_job[0]
+        if v.sampled:
+            mean = sum(per_job) / len(per_job)
+            details[name] = {"per_sample": per_job, "any": any_, "mean": mean}
+            asr[name] = details[name][decoding_aggregate]
+        if v.suffix:
+            details[name] = {"per_suffix": per_job, "max": max(per_job), "any": any_}
+            asr[name] = details[name][suffix_aggregate]
     return asr, details
+
+
+def _prompts(model: nn.Module, prompts) -> list[str]:
+    """Plain harmful requests: a list, a file, or the held-out set the model names."""
+    if prompts is None:
+        prompts = getattr(getattr(model, "config", None), "pyattr_harmful_prompts", None)
+        if prompts is None:
+            raise ValueError(
+                "no harmful prompts given: pass prompts (a list or a file); only the toy model "
+                "carries its own held-out set"
+            )
+    if isinstance(prompts, (str, Path)):
+        prompts = load_prompts(prompts)
+    prompts = [str(p) for p in prompts]
+    if not prompts:
+        raise ValueError("no harmful prompts to evaluate")
+    wrapped = [i for i, p in enumerate(prompts) if is_wrapped(p)]
+    if wrapped:
+        raise ValueError(
+            f"prompt {wrapped[0]} is already in the [INST] ... [/INST] format; pass plain "
+            "requests: each variant formats them its own way"
+        )
+    return prompts
+
+
+def _new_tokens(model: nn.Module, encoded: dict, max_new_tokens: int | None) -> int:
+    """The default lowered, with a warning, to what the context leaves after the longest
+    prompt; an explicit value is kept (``check_fits`` then refuses it if it does not fit)."""
+    if max_new_tokens is not None:
+        return max_new_tokens
+    longest = max(len(ids) for rows in encoded.values() for ids in rows)
+    context = context_length(model)
+    if context is None or longest + DEFAULT_MAX_NEW_TOKENS <= context:
+        return DEFAULT_MAX_NEW_TOKENS
+    if context - longest < 1:
+        raise ValueError(
+            f"the longest formatted prompt has {longest} tokens, at least the model's context "
+            f"of {context}"
+        )
+    warnings.warn(
+        f"max_new_tokens lowered from {DEFAULT_MAX_NEW_TOKENS} to {context - longest}: the "
+        f"longest prompt has {longest} tokens and the model's context is {context}",
+        stacklevel=3,
+    )
+    return context - longest
+
+
+def _generate(
+    generator: Generator,
+    jobs: list[_Job],
+    encoded: dict,
+    prompts: list[str],
+    judge: Judge,
+    *,
+    log: RecordLog | None,
+    done: dict[str, set[int]],
+    settings: dict,
+    progress: bool,
+) -> list[dict]:
+    """Generate and judge every batch not ``done``, appending each batch's records to ``log``
+    as it is judged; returns the new records. settings: max_new_tokens, batch_size,
+    temperature, seed."""
+    from tqdm.auto import tqdm
+
+    n_batches = math.ceil(len(prompts) / settings["batch_size"])
+    new: list[dict] = []
+    bar = tqdm(
+        total=len(jobs) * len(prompts),
+        initial=len(log.records) if log is not None else 0,
+        unit="prompt",
+        desc="ASR",
+        disable=not progress,
+    )
+    try:
+        for job in jobs:
+            skip = frozenset(done.get(job.key, ()))
+            if len(skip) == n_batches:
+                continue
+            stream = generator.batches(
+                encoded[job.key],
+                max_new_tokens=settings["max_new_tokens"],
+                batch_size=settings["batch_size"],
+                do_sample=VARIANT_TABLE[job.variant].sampled,
+                temperature=settings["temperature"],
+                seed=settings["seed"] + 7919 * job.sample,
+                skip=skip,
+            )
+            for number, indices, texts in stream:
+                batch = _judged(job, number, indices, texts, prompts, judge)
+                new += batch
+                if log is not None:
+                    log.append(batch)
+                bar.update(len(batch))
+    finally:
+        bar.close()
+    return new
+
+
+def _judged(job: _Job, batch: int, indices, texts, prompts, judge: Judge) -> list[dict]:
+    """The records of one generated batch, each with the judge's verdict."""
+    verdicts = judge.successes([prompts[i] for i in indices], texts)
+    return [
+        {
+            "prompt_index": i,
+            "prompt": prompts[i],
+            "variant": job.variant,
+            "suffix": job.suffix,
+            "sample": job.sample,
+            "batch": batch,
+            "response": text,
+            "success": bool(ok),
+        }
+        for i, text, ok in zip(indices, texts, verdicts, strict=True)
+    ]
 
 
 def attack_success(
@@ -212,7 +354,7 @@ def attack_success(
     batch_size: int = 32,
     seed: int = 0,
     out: str | Path | None = None,
-    backend: Literal["hf", "vllm"] = "hf",
+    backend: Literal["hf", "vllm"] | Generator = "hf",
     vllm_options: dict | None = None,
     progress: bool = True,
 ) -> AsrReport:
@@ -225,30 +367,23 @@ def attack_success(
     lowered with a warning to what the model's context leaves; an explicit value that does not
     fit is an error. out: a folder for ``responses.jsonl`` and ``summary.json`` (and resuming).
     backend: Hugging Face ``generate`` ("hf") or vLLM ("vllm", with ``vllm_options`` for its
-    ``LLM``; give it a large ``batch_size``, as it schedules each batch itself).
+    ``LLM``; give it a large ``batch_size``, as it schedules each batch itself), or any
+    ``Generator`` (yours stays open; one made here is closed at the end).
+    prompts=None takes the held-out set a model carries in its config
+    (``config.pyattr_harmful_prompts``: the toy model does), else it is an error.
     """
-    if backend not in ("hf", "vllm"):
-        raise ValueError(f"backend must be 'hf' or 'vllm', got {backend!r}")
+    if isinstance(backend, str) and backend not in ("hf", "vllm"):
+        raise ValueError(f"backend must be 'hf', 'vllm' or a Generator, got {backend!r}")
+    if not isinstance(backend, (str, Generator)):
+        raise TypeError(f"{type(backend).__name__} is not a Generator (needs batches(), close())")
     variants = list(dict.fromkeys(variants))
     _check_options(variants, suffix_aggregate, decoding_aggregate, samples, temperature)
-    if prompts is None:
-        from ..toy import data
-
-        prompts = data(progress=progress)["harmful_eval"]
-    if isinstance(prompts, (str, Path)):
-        prompts = load_prompts(prompts)
-    prompts = [str(p) for p in prompts]
-    if not prompts:
-        raise ValueError("no harmful prompts to evaluate")
-    wrapped = [i for i, p in enumerate(prompts) if is_wrapped(p)]
-    if wrapped:
-        raise ValueError(
-            f"prompt {wrapped[0]} is already in the [INST] ... [/INST] format; pass plain "
-            "requests: each variant formats them its own way"
-        )
-    if "adv_suffix" in variants and suffixes is None:
-        raise ValueError("the adv_suffix variant needs suffixes (a file or a list)")
-    suffix_list = load_suffixes(suffixes) if "adv_suffix" in variants else []
+    prompts = _prompts(model, prompts)
+    with_suffix = [v for v in variants if VARIANT_TABLE[v].suffix]
+    if with_suffix and suffixes is None:
+        raise ValueError(f"the {with_suffix[0]} variant needs suffixes (a file or a list)")
+    suffix_list = load_suffixes(suffixes) if with_suffix else []
+    sampled = any(VARIANT_TABLE[v].sampled for v in variants)
     judge = judge if judge is not None else KeywordJudge()
     if not isinstance(judge, Judge):
         raise TypeError(f"{type(judge).__name__} is not a Judge (needs name and successes())")
@@ -257,22 +392,7 @@ def attack_success(
         job.key: [_encode(tokenizer, p, job, suffix_list, system_prompt) for p in prompts]
         for job in jobs
     }
-    longest = max(len(ids) for rows in encoded.values() for ids in rows)
-    if max_new_tokens is None:
-        max_new_tokens = DEFAULT_MAX_NEW_TOKENS
-        context = context_length(model)
-        if context is not None and longest + max_new_tokens > context:
-            max_new_tokens = context - longest
-            if max_new_tokens < 1:
-                raise ValueError(
-                    f"the longest formatted prompt has {longest} tokens, at least the model's "
-                    f"context of {context}"
-                )
-            warnings.warn(
-                f"max_new_tokens lowered from {DEFAULT_MAX_NEW_TOKENS} to {max_new_tokens}: the "
-                f"longest prompt has {longest} tokens and the model's context is {context}",
-                stacklevel=2,
-            )
+    max_new_tokens = _new_tokens(model, encoded, max_new_tokens)
     for job in jobs:  # before any generation: an error now loses no work
         try:
             check_fits(model, [len(ids) for ids in encoded[job.key]], max_new_tokens)
@@ -281,16 +401,18 @@ def attack_success(
     config = {
         "variants": variants,
         "judge": judge.name,
-        "system_prompt": system_prompt if "vanilla" in variants else None,
+        "system_prompt": system_prompt
+        if any(VARIANT_TABLE[v].system_prompt for v in variants)
+        else None,
         "suffixes": suffix_list,
         "suffix_aggregate": suffix_aggregate,
-        "samples": samples if "adv_decoding" in variants else None,
-        "temperature": temperature if "adv_decoding" in variants else None,
+        "samples": samples if sampled else None,
+        "temperature": temperature if sampled else None,
         "decoding_aggregate": decoding_aggregate,
         "max_new_tokens": max_new_tokens,
         "batch_size": batch_size,
         "seed": seed,
-        "backend": backend,
+        "backend": backend if isinstance(backend, str) else backend.name,
         "n_prompts": len(prompts),
         "prompts_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest(),
         "model": model_fingerprint(model),
@@ -312,62 +434,25 @@ def attack_success(
     done: dict[str, set[int]] = {}
     for r in records:
         done.setdefault(_Job(r["variant"], r["suffix"], r["sample"]).key, set()).add(r["batch"])
-    n_batches = math.ceil(len(prompts) / batch_size)
-    from tqdm.auto import tqdm
-
-    engine = None
-    if backend == "vllm":
-        from .vllm_backend import VllmEngine
-
-        engine = VllmEngine(model, tokenizer, **(vllm_options or {}))
-        run = engine.batches
-    else:
-        run = functools.partial(generate_batches, model, tokenizer)
-    bar = tqdm(
-        total=len(jobs) * len(prompts),
-        initial=len(records),
-        unit="prompt",
-        desc="ASR",
-        disable=not progress,
-    )
+    settings = {"max_new_tokens": max_new_tokens, "batch_size": batch_size}
+    settings |= {"temperature": temperature, "seed": seed}
+    owned = isinstance(backend, str)
+    generator = make_generator(backend, model, tokenizer, vllm_options) if owned else backend
     try:
-        for job in jobs:
-            skip = frozenset(done.get(job.key, ()))
-            if len(skip) == n_batches:
-                continue
-            sampled = job.variant == "adv_decoding"
-            stream = run(
-                encoded[job.key],
-                max_new_tokens=max_new_tokens,
-                batch_size=batch_size,
-                do_sample=sampled,
-                temperature=temperature,
-                seed=seed + 7919 * job.sample,
-                skip=skip,
-            )
-            for number, indices, texts in stream:
-                verdicts = judge.successes([prompts[i] for i in indices], texts)
-                new = [
-                    {
-                        "prompt_index": i,
-                        "prompt": prompts[i],
-                        "variant": job.variant,
-                        "suffix": job.suffix,
-                        "sample": job.sample,
-                        "batch": number,
-                        "response": text,
-                        "success": bool(ok),
-                    }
-                    for i, text, ok in zip(indices, texts, verdicts, strict=True)
-                ]
-                records += new
-                if log is not None:
-                    log.append(new)
-                bar.update(len(new))
+        records += _generate(
+            generator,
+            jobs,
+            encoded,
+            prompts,
+            judge,
+            log=log,
+            done=done,
+            settings=settings,
+            progress=progress,
+        )
     finally:
-        bar.close()
-        if engine is not None:
-            engine.close()
+        if owned:
+            generator.close()
     records.sort(
         key=lambda r: (jobs.index(_Job(r["variant"], r["suffix"], r["sample"])), r["prompt_index"])
     )

@@ -10,6 +10,7 @@ temperature sampling: ``top_p``/``top_k`` from the model's generation config are
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -19,11 +20,14 @@ from ..models import context_length, input_device, pad_id
 from ..models import pad as pad_rows
 
 __all__ = [
+    "Generator",
+    "HfGenerator",
     "batches",
     "check_fits",
     "check_request",
     "generate",
     "generate_batches",
+    "make_generator",
 ]
 
 
@@ -151,3 +155,55 @@ def generate(
         for i, text in zip(indices, texts, strict=True):
             out[i] = text
     return out
+
+
+@runtime_checkable
+class Generator(Protocol):
+    """A generation backend for ``attack_success`` (like ``Judge`` for verdicts): ``batches``
+    yields ``(batch index, prompt indices, responses)`` for token-id prompts in the batches of
+    ``batches()`` (longest first), seeded per batch, leaving out the batches in ``skip``;
+    ``close`` frees what it holds. ``name`` goes into result files."""
+
+    name: str
+
+    def batches(
+        self,
+        encoded: Sequence[Sequence[int]],
+        *,
+        max_new_tokens: int,
+        batch_size: int,
+        do_sample: bool,
+        temperature: float,
+        seed: int,
+        skip: frozenset[int],
+    ) -> Iterator[tuple[int, list[int], list[str]]]: ...
+
+    def close(self) -> None: ...
+
+
+class HfGenerator:
+    """Hugging Face ``generate`` on the model in memory (``generate_batches``)."""
+
+    name = "hf"
+
+    def __init__(self, model: nn.Module, tokenizer) -> None:
+        self.model, self.tokenizer = model, tokenizer
+
+    def batches(self, encoded, **options) -> Iterator[tuple[int, list[int], list[str]]]:
+        return generate_batches(self.model, self.tokenizer, encoded, **options)
+
+    def close(self) -> None:
+        """Nothing to free: the model belongs to the caller."""
+
+
+def make_generator(
+    backend: str, model: nn.Module, tokenizer, vllm_options: dict | None = None
+) -> Generator:
+    """The named backend: "hf" or "vllm" (with ``vllm_options`` for ``vllm.LLM``)."""
+    if backend == "vllm":
+        from .vllm_backend import VllmEngine
+
+        return VllmEngine(model, tokenizer, **(vllm_options or {}))
+    if backend == "hf":
+        return HfGenerator(model, tokenizer)
+    raise ValueError(f"backend must be 'hf' or 'vllm', got {backend!r}")

@@ -23,7 +23,9 @@ __all__ = ["VllmEngine"]
 
 class VllmEngine:
     """A vLLM ``LLM`` over a saved copy of ``model``; ``options`` go to ``vllm.LLM`` (for
-    example ``gpu_memory_utilization`` or ``tensor_parallel_size``)."""
+    example ``gpu_memory_utilization`` or ``tensor_parallel_size``). A ``Generator``."""
+
+    name = "vllm"
 
     def __init__(self, model: nn.Module, tokenizer, **options) -> None:
         try:

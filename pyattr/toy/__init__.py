@@ -165,7 +165,9 @@ def load(
     dtype: torch.dtype = torch.float32,
     progress: bool = True,
 ):
-    """(model, tokenizer) of the toy chat model: ``stage`` "aligned" (default) or "base"."""
+    """(model, tokenizer) of the toy chat model: ``stage`` "aligned" (default) or "base". The
+    model's config names its held-out harmful prompts (``pyattr_harmful_prompts``), which
+    ``attack_success`` uses when given no prompts; a folder saved from it keeps the name."""
     if stage not in ("aligned", "base"):
         raise ValueError(f"stage must be 'aligned' or 'base', got {stage!r}")
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
@@ -173,6 +175,7 @@ def load(
     entry = build(recipe, progress=progress)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(entry / "tokenizer")
     model = AutoModelForCausalLM.from_pretrained(entry / stage, dtype=dtype).to(device).eval()
+    model.config.pyattr_harmful_prompts = str(entry / "data" / DATA_FILES["harmful_eval"])
     return model, tokenizer
 
 

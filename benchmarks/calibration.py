@@ -33,6 +33,9 @@ FULL = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, heads
 SEVEN_B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, heads=32)
 SEVEN_B["vocab"] = 32000
 QUICK = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, heads=4, vocab=256)
+# Llama-3-8B's widths: grouped-query k/v (8 heads), a 14336-wide MLP, a 128256-token vocabulary.
+LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, heads=32)
+LLAMA3_8B |= {"kv_heads": 8, "vocab": 128256}
 
 
 @dataclass(frozen=True)
@@ -57,7 +60,7 @@ def build(setup: Setup, samples: int):
         intermediate_size=s["intermediate_size"],
         num_hidden_layers=s["num_hidden_layers"],
         num_attention_heads=s["heads"],
-        num_key_value_heads=s["heads"],
+        num_key_value_heads=s.get("kv_heads", s["heads"]),
         max_position_embeddings=max(2048, setup.length),
     )
     torch.manual_seed(0)
@@ -70,6 +73,13 @@ def build(setup: Setup, samples: int):
         counted = torch.arange(setup.length) >= setup.length // 2
         data.append(Encoded(ids, counted))
     return model, data
+
+
+def random_llama(shape: dict, blocks: int, samples: int, length: int, device: str, dtype):
+    """A random Llama of ``shape``'s widths with ``blocks`` decoder blocks, and ``samples``
+    encoded samples of ``length`` tokens (the second half counted)."""
+    setup = Setup(shape | {"num_hidden_layers": blocks}, {}, length, device, dtype)
+    return build(setup, samples)
 
 
 class _Pad:

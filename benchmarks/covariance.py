@@ -21,7 +21,9 @@ from pyattr import StreamingCovariance, ops
 
 CPU_SIZES = [(1024, 512), (1024, 2048), (4096, 512), (4096, 2048), (11008, 2048)]
 GPU_SIZES = [(d, n) for d in (4096, 11008, 14336) for n in (2048, 16384)]
+SUITE_SIZES = [(d, n) for d in (4096, 11008, 14336, 28672) for n in (2048, 16384)]
 QUICK_SIZES = [(130, 300), (520, 700)]
+SIZES = {"gpu": GPU_SIZES, "gpu-suite": SUITE_SIZES, "cpu": CPU_SIZES, "quick": QUICK_SIZES}
 
 
 def baseline(x: torch.Tensor, acc: torch.Tensor) -> None:
@@ -33,6 +35,16 @@ def baseline_mixed(x: torch.Tensor, acc: torch.Tensor) -> None:
     acc += torch.mm(x.T, x, out_dtype=torch.float32)
 
 
+def baseline_tf32(x: torch.Tensor, acc: torch.Tensor) -> None:
+    """fp32 addmm of upcast X with TF32 tensor cores allowed (GPTQ-style Hessians, fast)."""
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        baseline(x, acc)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
 def pyattr_once(x: torch.Tensor, backend: str | None) -> StreamingCovariance:
     with ops.force_backend(backend):
         acc = StreamingCovariance(x.shape[1], buffer_rows=0, device=x.device)
@@ -42,7 +54,7 @@ def pyattr_once(x: torch.Tensor, backend: str | None) -> StreamingCovariance:
 
 
 def rel_error(cov: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((cov.double().cpu() - ref).abs().max() / ref.diagonal().max())
+    return float((cov.double().to(ref.device) - ref).abs().max() / ref.diagonal().max())
 
 
 def one_shot(d: int, n: int, device: str, reps: int, check: bool) -> list[dict]:
@@ -50,17 +62,19 @@ def one_shot(d: int, n: int, device: str, reps: int, check: bool) -> list[dict]:
     x = (torch.randn(n, d, generator=gen) + 0.3).to(torch.bfloat16).to(device)
     flops = 2.0 * n * d * d
     ref = None
-    if check:
-        xd = x.double().cpu()
+    if check:  # float64 on the device itself: the CPU would take minutes at GPU sizes
+        xd = x.double()
         ref = xd.T @ xd
-    methods = {
-        "PyTorch addmm (fp32)": lambda: baseline(x, torch.zeros(d, d, device=device)),
-        "pyattr (PyTorch path)": lambda: pyattr_once(x, "torch"),
-        "pyattr": lambda: pyattr_once(x, None),
-    }
-    if device == "cuda" and ops._has_out_dtype():
-        zeros = torch.zeros(d, d, device=device)
-        methods["PyTorch mm bf16→fp32"] = lambda: baseline_mixed(x, zeros.zero_())
+        del xd
+    zeros = torch.zeros(d, d, device=device)
+    full = {"PyTorch addmm (fp32)": baseline}  # full-matrix baselines, by how they accumulate
+    if device == "cuda":
+        full["PyTorch addmm (fp32, TF32 on)"] = baseline_tf32
+        if ops._has_out_dtype():
+            full["PyTorch mm bf16→fp32"] = baseline_mixed
+    methods = {name: (lambda f=f: f(x, zeros.zero_())) for name, f in full.items()}
+    methods["pyattr (PyTorch path)"] = lambda: pyattr_once(x, "torch")
+    methods["pyattr"] = lambda: pyattr_once(x, None)
     rows = []
     medians = compare(methods, device, reps)
     base_t = medians["PyTorch addmm (fp32)"]
@@ -74,10 +88,11 @@ def one_shot(d: int, n: int, device: str, reps: int, check: bool) -> list[dict]:
             "vs addmm": f"{base_t / t:.2f}x",
         }
         if ref is not None:
-            if name.startswith("PyTorch addmm"):
+            if name in full:
                 acc = torch.zeros(d, d, device=device)
-                baseline(x, acc)
-                row["rel. error"] = f"{rel_error(torch.triu(acc) + torch.triu(acc, 1).T, ref):.1e}"
+                full[name](x, acc)
+                row["rel. error"] = f"{rel_error(acc, ref):.1e}"
+                del acc
             elif name.startswith("pyattr"):
                 backend = "torch" if "PyTorch" in name else None
                 with ops.force_backend(backend):
@@ -151,8 +166,12 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--no-check", action="store_true", help="skip the float64 accuracy check")
+    parser.add_argument(
+        "--sizes", choices=sorted(SIZES), help="(d, tokens) set (default: by device)"
+    )
     args = parser.parse_args(argv)
-    sizes = QUICK_SIZES if args.quick else (GPU_SIZES if args.device == "cuda" else CPU_SIZES)
+    default = "quick" if args.quick else ("gpu" if args.device == "cuda" else "cpu")
+    sizes = SIZES[args.sizes or default]
     rows = []
     for d, n in sizes:
         rows += one_shot(d, n, args.device, args.reps, check=not args.no_check)

@@ -18,18 +18,22 @@ import argparse
 
 import torch
 from pyattr.kernels.matrix_topk import matrix_topk_ref
+from pyattr.kernels.nm import nm_ref
 from pyattr.kernels.row_topk import row_topk_ref
 from pyattr.kernels.scores import scores_ref, wanda_norms
 from pyattr.kernels.set_difference import set_difference_ref
 
 import pyattr
 from benchmarks.common import compare, header, table
+from pyattr import ops
 from pyattr.selection import count_for
 
 LLAMA7B = [(4096, 4096), (11008, 4096), (4096, 11008)]
+LLAMA3_8B = [(1024, 4096), (14336, 4096), (4096, 14336)]  # k/v (grouped queries), up, down
 LLAMA70B = [(8192, 8192), (28672, 8192), (8192, 28672)]
 CPU_SIZES = LLAMA7B
-QUICK_SIZES = [(96, 130)]
+QUICK_SIZES = [(96, 132)]  # ragged for the row kernels, a multiple of 4 for 2:4
+SHAPES = {"7b": LLAMA7B, "gpu-suite": LLAMA7B + LLAMA3_8B + LLAMA70B, "quick": QUICK_SIZES}
 FRACTION = 0.03  # the paper's region is ~3% of the weights
 
 
@@ -53,7 +57,7 @@ def peak_extra(fn, device: str, baseline_bytes: int) -> str:
     return f"{max(extra, 0) / 2**20:.1f} MiB"
 
 
-def cases(shape, device, gen):
+def cases(shape, device, gen, every_output: bool = False):
     d_out, d_in = shape
     w = torch.randn(shape, generator=gen).to(torch.bfloat16).to(device)
     s1 = (torch.rand(d_in, generator=gen) * 4).to(device)
@@ -72,7 +76,39 @@ def cases(shape, device, gen):
     def ref_setdiff():
         return set_difference_ref(scores_ref(w, norms=n1), scores_ref(w, norms=n2), k_row, k_row)
 
-    return w, [
+    def ref_nm():
+        return nm_ref(scores_ref(w, norms=n1), 2, 4, largest=False)
+
+    def ref_zero():
+        return w.clone().masked_fill_(ref_row(), 0)
+
+    target = w.clone()
+    extra = [
+        (
+            "wanda 2:4 (N:M, smallest)",
+            base,
+            ref_nm,
+            lambda: pyattr.nm_mask(w, s1, n=2, m=4, largest=False),
+        )
+    ]
+    if every_output:
+        packed = w.numel() * 2 + d_in * 4 + (d_in + 7) // 8 * d_out
+        in_place = w.numel() * 2 * 2 + d_in * 4  # W read, selected entries written (at most W)
+        extra += [
+            (
+                "wanda row top-3%, packed",
+                packed,
+                ref_row,
+                lambda: pyattr.wanda_mask(w, s1, fraction=FRACTION, output="packed"),
+            ),
+            (
+                "wanda row top-3%, zeroed in place",
+                in_place,
+                ref_zero,
+                lambda: pyattr.wanda_mask(target, s1, fraction=FRACTION, output="zero"),
+            ),
+        ]
+    return w, extra + [
         ("wanda row top-3%", base, ref_row, lambda: pyattr.wanda_mask(w, s1, fraction=FRACTION)),
         (
             "wanda matrix top-3%",
@@ -106,18 +142,36 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument(
+        "--shapes", choices=sorted(SHAPES), help="weight shapes (default: by device)"
+    )
+    parser.add_argument(
+        "--backend",
+        choices=["auto", "torch", "triton"],
+        default="auto",
+        help="pin pyattr's selection backend (triton on the CPU needs TRITON_INTERPRET=1)",
+    )
     args = parser.parse_args(argv)
     device = args.device
-    sizes = QUICK_SIZES if args.quick else (LLAMA7B + LLAMA70B if device == "cuda" else CPU_SIZES)
+    default = "quick" if args.quick else None
+    sizes = SHAPES.get(args.shapes or default) or (
+        LLAMA7B + LLAMA70B if device == "cuda" else CPU_SIZES
+    )
+    backend = None if args.backend == "auto" else args.backend
+    with ops.force_backend(backend):
+        return _run(device, sizes, args.reps, every_output=args.shapes == "gpu-suite" or args.quick)
+
+
+def _run(device: str, sizes, reps: int, every_output: bool) -> str:
     ceiling = copy_bandwidth(device)
     gen = torch.Generator().manual_seed(0)
     rows = []
     for shape in sizes:
-        w, ops_list = cases(shape, device, gen)
+        w, ops_list = cases(shape, device, gen, every_output)
+        label = ops.backends()[f"selection[{'cuda' if device == 'cuda' else 'cpu'}]"]
         for name, nbytes, ref, fused in ops_list:
-            label = "Triton" if device == "cuda" else "PyTorch path"
             medians = compare(
-                {"reference (score, sort)": ref, f"pyattr ({label})": fused}, device, args.reps
+                {"reference (score, sort)": ref, f"pyattr ({label})": fused}, device, reps
             )
             t_ref = medians["reference (score, sort)"]
             for method, t in medians.items():

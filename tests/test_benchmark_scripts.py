@@ -81,3 +81,30 @@ def test_toy_rank_smoke(tmp_path):
         "toy_subspace.csv",
         "toy_subspace.png",
     ]
+
+
+def test_gpu_suite_dry_run(tmp_path, monkeypatch, capsys):
+    """Every step of `python -m benchmarks.gpu` at tiny sizes on the CPU (the pytest step is
+    left out here: it would run pytest inside pytest; `--dry-run` alone runs it), written as
+    markdown and JSON; without CUDA and without --dry-run it refuses."""
+    import json
+
+    from benchmarks import gpu
+
+    steps = ["environment", "ceilings", "selection", "covariance", "calibration", "generation"]
+    assert gpu.main(["--out", str(tmp_path), "--dry-run", "--only", *steps]) == 0
+    report = json.loads((tmp_path / "gpu.json").read_text())
+    assert [s["step"] for s in report["steps"]] == steps
+    assert all(s["status"] == "ok" for s in report["steps"]), report["steps"]
+    text = (tmp_path / "gpu.md").read_text()
+    assert "copy bandwidth" in text and "Triton kernels (forced)" in text
+    assert "planner's estimate" in text and "Eigenbases" in text
+    monkeypatch.setattr(gpu, "STEPS", [("boom", lambda args: 1 / 0)] + gpu.STEPS[:1])
+    assert gpu.main(["--out", str(tmp_path / "f"), "--dry-run"]) == 1
+    assert "FAILED steps: boom" in capsys.readouterr().err
+    assert json.loads((tmp_path / "f" / "gpu.json").read_text())["steps"][1]["status"] == "ok"
+    import torch
+
+    if not torch.cuda.is_available():
+        assert gpu.main(["--out", str(tmp_path / "g")]) == 2
+        assert not (tmp_path / "g").exists()

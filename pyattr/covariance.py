@@ -4,7 +4,7 @@ For the counted rows ``x_t`` (d,) of a layer's input, ``StreamingCovariance`` ac
 
     n = number of counted rows,   sum_sq_j = Σ_t x_tj²,   C = Σ_t x_t x_tᵀ  (d × d, uncentred)
 
-and normalises on read (``mean_sq = sum_sq / n`` is Wanda's ``s``; ``C / n`` feeds ActSVD).
+and normalises on read (``sq_norms = sum_sq / n`` is Wanda's ``s``; ``C / n`` feeds ActSVD).
 
 Accuracy. Sums are accumulated in fp32 by default. The covariance of one update is a BLAS/MMA
 product with fp32 accumulation (bf16 and fp16 products are exact in fp32), added to the running
@@ -47,9 +47,15 @@ class CovarianceStats:
     covariance: torch.Tensor | None
 
     @property
-    def mean_sq(self) -> torch.Tensor:
-        """(d,) ``sum_sq / n``: Wanda's ``s_j``, whose square root scales ``|W_ij|``."""
+    def sq_norms(self) -> torch.Tensor:
+        """(d,) ``sum_sq / n``: Wanda's ``s_j`` (``Stats.sq_norms``, the selection ops'
+        ``sq_norms``), whose square root scales ``|W_ij|``."""
         return self.sum_sq / self._count()
+
+    @property
+    def mean_sq(self) -> torch.Tensor:
+        """The earlier name of ``sq_norms``."""
+        return self.sq_norms
 
     @property
     def mean_covariance(self) -> torch.Tensor:

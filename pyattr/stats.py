@@ -51,7 +51,7 @@ class Stats:
 
     def sq_norms(self, layer: str) -> torch.Tensor:
         """Wanda's s (d_in,): mean of x² over the counted tokens of the layer's input."""
-        return self._group(layer).mean_sq
+        return self._group(layer).sq_norms
 
     def covariance(self, layer: str) -> torch.Tensor:
         """Σ x xᵀ (d_in, d_in) of the layer's input (normalise with ``.n``)."""

@@ -16,9 +16,10 @@ adv_decoding   no            no        temperature 1, n=5    per prompt, success
 
 The table is data, ``VARIANT_TABLE`` (``Variant`` rows: system prompt, chat wrap, suffixes,
 sampling): a new variant is one row. Generation goes through a ``Generator`` (Hugging Face or
-vLLM, or your own). The system prompt of ``vanilla`` is Llama-2's default unless given. "No wrapper" means the bare
-prompt text, after BOS when the chat format begins with BOS (as the paper's Llama-2 did). Both
-aggregates of each variant are always computed and stored; the option picks the headline number.
+vLLM, or your own). The system prompt of ``vanilla`` is Llama-2's default unless given. "No
+wrapper" means the bare prompt text, after BOS when the chat format begins with BOS (as the
+paper's Llama-2 did). Both aggregates of each variant are always computed and stored; the option
+picks the headline number.
 
 Results go to ``out``: ``responses.jsonl`` (one record per prompt, variant, suffix and sample:
 prompt, response, verdict) and ``summary.json`` (ASR per variant, the details and the

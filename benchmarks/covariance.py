@@ -3,11 +3,15 @@
     python -m benchmarks.covariance            # CPU sizes (or GPU sizes when CUDA is there)
     python -m benchmarks.covariance --quick    # tiny sizes, a smoke run
 
-Baseline (the best plain PyTorch): ``C.addmm_(X.float().T, X.float())`` on the counted rows; on
-CUDA also ``torch.mm(X.T, X, out_dtype=torch.float32)`` (bf16 tensor cores, fp32 output) where
-torch offers it. FLOPs are counted as a full GEMM's ``2·n·d²`` for every method, so "effective
-TFLOP/s" compares times; pyattr executes only the upper triangle, ``n·d·(d + 256)`` FLOPs.
-Accuracy: the largest error against float64 ``XᵀX``, relative to the largest diagonal entry.
+Baselines (plain PyTorch, full matrix): ``C.addmm_(X.float().T, X.float())`` on the counted
+rows; on CUDA also the same with TF32 allowed (GPTQ-style Hessians, with its error) and
+``torch.mm(X.T, X, out_dtype=torch.float32)`` (bf16 tensor cores, fp32 output) where torch
+offers it. pyattr on CUDA: the cuBLAS route (one GEMM per triangle block, added in place into
+the fp32 accumulator) and, when the extension has CUDA, its WMMA kernel; the goal is 1.7x the
+full bf16→fp32 GEMM at d ≥ 4096 at equal accuracy (the triangle is ~half the FLOPs).
+FLOPs are counted as a full GEMM's ``2·n·d²`` for every method, so "effective TFLOP/s" compares
+times; pyattr executes only the upper triangle, ``n·d·(d + 256)`` FLOPs. Accuracy: the largest
+error against float64 ``XᵀX``, relative to the largest diagonal entry.
 """
 
 from __future__ import annotations
@@ -45,12 +49,17 @@ def baseline_tf32(x: torch.Tensor, acc: torch.Tensor) -> None:
         torch.backends.cuda.matmul.allow_tf32 = previous
 
 
-def pyattr_once(x: torch.Tensor, backend: str | None) -> StreamingCovariance:
-    with ops.force_backend(backend):
+def pyattr_once(x: torch.Tensor, backend: str | None, route: str = "cublas") -> StreamingCovariance:
+    with ops.force_backend(backend), ops.cuda_covariance(route):
         acc = StreamingCovariance(x.shape[1], buffer_rows=0, device=x.device)
         acc.update(x)
         acc._flush()
     return acc
+
+
+def _wmma_backend() -> str:
+    with ops.cuda_covariance("wmma"):
+        return ops.backends()["covariance[cuda]"]
 
 
 def rel_error(cov: torch.Tensor, ref: torch.Tensor) -> float:
@@ -75,6 +84,9 @@ def one_shot(d: int, n: int, device: str, reps: int, check: bool) -> list[dict]:
     methods = {name: (lambda f=f: f(x, zeros.zero_())) for name, f in full.items()}
     methods["pyattr (PyTorch path)"] = lambda: pyattr_once(x, "torch")
     methods["pyattr"] = lambda: pyattr_once(x, None)
+    wmma = device == "cuda" and "WMMA" in _wmma_backend()
+    if wmma:  # the extension's kernel, kept only if it beats the cuBLAS route somewhere
+        methods["pyattr (WMMA kernel)"] = lambda: pyattr_once(x, None, "wmma")
     rows = []
     medians = compare(methods, device, reps)
     base_t = medians["PyTorch addmm (fp32)"]
@@ -95,8 +107,8 @@ def one_shot(d: int, n: int, device: str, reps: int, check: bool) -> list[dict]:
                 del acc
             elif name.startswith("pyattr"):
                 backend = "torch" if "PyTorch" in name else None
-                with ops.force_backend(backend):
-                    cov = pyattr_once(x, backend).result().covariance
+                route = "wmma" if "WMMA" in name else "cublas"
+                cov = pyattr_once(x, backend, route).result().covariance
                 row["rel. error"] = f"{rel_error(cov, ref):.1e}"
         rows.append(row)
     return rows

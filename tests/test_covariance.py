@@ -15,10 +15,15 @@ DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.float64]
 U32 = 2.0**-24
 
 
-@pytest.fixture(params=["native", "torch"])
+@pytest.fixture(params=["native", "torch", "wmma"])
 def backend(request: pytest.FixtureRequest):
-    """Run the test body on the extension and on the PyTorch path."""
-    with ops.force_backend(None if request.param == "native" else "torch"):
+    """Run the test body on the default route (the extension on the CPU, cuBLAS blocks on
+    CUDA), on the PyTorch path, and where CUDA is there on the extension's WMMA kernel."""
+    if request.param == "wmma" and not torch.cuda.is_available():
+        pytest.skip("the WMMA kernel runs on CUDA only")
+    route = "wmma" if request.param == "wmma" else "cublas"
+    forced = "torch" if request.param == "torch" else None
+    with ops.force_backend(forced), ops.cuda_covariance(route):
         yield request.param
 
 
@@ -367,3 +372,25 @@ def test_selfcheck_passes(capsys):
     out = capsys.readouterr().out
     assert "covariance[cpu]" in out and "ok" in out
     assert pyattr.__version__ in out
+
+
+def test_cuda_covariance_route_is_chosen_in_one_place(monkeypatch):
+    """On CUDA the covariance product runs as cuBLAS blocks unless the WMMA kernel is asked for
+    (the benchmark flips it); the CPU keeps the C++ extension either way."""
+    from pyattr.ops import _dispatch
+
+    assert "cuBLAS GEMM per triangle block" in ops.backends()["covariance[cuda]"]
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    with ops.cuda_covariance("wmma"):
+        assert "WMMA" in ops.backends()["covariance[cuda]"]
+        assert _dispatch._use_native(cpu, product=True) == (ops.extension_error() is None)
+    monkeypatch.setattr(_dispatch, "_native_cuda", lambda: True)
+    assert not _dispatch._use_native(cuda, product=True)
+    assert _dispatch._use_native(cuda) == (ops.extension_error() is None)  # Σx² gather
+    with ops.cuda_covariance("wmma"):
+        assert _dispatch._use_native(cuda, product=True) == (ops.extension_error() is None)
+    with (
+        pytest.raises(ValueError, match="route must be 'cublas' or 'wmma'"),
+        ops.cuda_covariance("cutlass"),
+    ):
+        pass

@@ -16,13 +16,23 @@ from collections.abc import Iterator
 
 import torch
 
-__all__ = ["backends", "extension_error", "force_backend", "selection_backend"]
+__all__ = [
+    "backends",
+    "cuda_covariance",
+    "extension_error",
+    "force_backend",
+    "selection_backend",
+]
 
 _lock = threading.Lock()
 _ext: object | None = None
 _ext_error: str | None = None
 _ext_loaded = False
 _forced: str | None = None
+# On CUDA, the streaming covariance runs as cuBLAS GEMMs per triangle block ("cublas", the
+# PyTorch path: near the GEMM's own efficiency by construction) or as the extension's WMMA
+# kernel ("wmma"). The GPU suite measures both; PYATTR_CUDA_COVARIANCE=wmma picks the kernel.
+_cuda_route = os.environ.get("PYATTR_CUDA_COVARIANCE", "cublas")
 _warned = False
 # Widest row the register-resident Triton row kernels hold (``kernels/row_topk.py``).
 MAX_TRITON_COLS = 32768
@@ -56,7 +66,9 @@ def _native_cuda() -> bool:
     return ext is not None and bool(ext.build_info()["cuda"])  # type: ignore[attr-defined]
 
 
-def _use_native(device: torch.device) -> bool:
+def _use_native(device: torch.device, *, product: bool = False) -> bool:
+    """Whether the extension serves an operator on ``device``; ``product``: the covariance
+    product itself, which on CUDA follows the route (``cuda_covariance``)."""
     if _forced == "torch":
         return False
     if _load_extension() is None:
@@ -64,6 +76,8 @@ def _use_native(device: torch.device) -> bool:
         return False
     if device.type == "cpu":
         return True
+    if product and _cuda_route != "wmma":
+        return False
     return device.type == "cuda" and _native_cuda()
 
 
@@ -96,6 +110,21 @@ def force_backend(name: str | None) -> Iterator[None]:
         _forced = previous
 
 
+@contextlib.contextmanager
+def cuda_covariance(route: str) -> Iterator[None]:
+    """Within the block, the streaming covariance on CUDA runs as ``"cublas"`` (GEMMs per
+    triangle block, the default) or ``"wmma"`` (the extension's kernel; needs it built with
+    CUDA). For the benchmark that decides between them."""
+    global _cuda_route
+    if route not in ("cublas", "wmma"):
+        raise ValueError(f"route must be 'cublas' or 'wmma', got {route!r}")
+    previous, _cuda_route = _cuda_route, route
+    try:
+        yield
+    finally:
+        _cuda_route = previous
+
+
 def backends() -> dict[str, str]:
     """What serves each operator, by device: ``{"covariance[cpu]": "C++ extension", ...}``."""
     ext = _load_extension()
@@ -105,12 +134,12 @@ def backends() -> dict[str, str]:
         info = ext.build_info()  # type: ignore[attr-defined]
         threads = "OpenMP" if info["openmp"] else "single-threaded"
         native_cpu = f"C++ extension pyattr._C ({threads}, {torch.get_num_threads()} threads)"
-    if ext is not None and _native_cuda():
-        cuda = "CUDA extension pyattr._C (tensor-core MMA for bf16/fp16)"
-    elif ext is not None:
-        cuda = "PyTorch (cuBLAS); pyattr._C was built without CUDA"
-    else:
-        cuda = "PyTorch fallback (cuBLAS)"
+    cuda = "cuBLAS GEMM per triangle block (bf16/fp16 in, fp32 accumulated in place)"
+    if _cuda_route == "wmma":
+        if ext is not None and _native_cuda():
+            cuda = "CUDA extension pyattr._C (WMMA kernel, tensor-core MMA for bf16/fp16)"
+        else:
+            cuda += "; the WMMA kernel was asked for but pyattr._C has no CUDA"
     selection_cuda = "Triton kernels (pyattr.kernels)"
     if not triton_available():
         selection_cuda = "PyTorch (Triton is not installed)"

@@ -37,7 +37,7 @@ def syrk_upper_(acc: torch.Tensor, x: torch.Tensor, index: torch.Tensor | None =
     """``acc[i, j] += Σ_t x_ti x_tj`` for ``j >= i`` over the counted rows (upper triangle)."""
     if x.shape[0] == 0 or (index is not None and index.numel() == 0):
         return
-    if _use_native(x.device):
+    if _use_native(x.device, product=True):
         torch.ops.pyattr.syrk_upper_(acc, x, index)
         return
     _syrk_upper_torch_(acc, x, index)
@@ -61,12 +61,17 @@ def triangle_blocks(lo: int, hi: int, base: int = 256, align: int = 64) -> Itera
 
 
 def _syrk_upper_torch_(acc: torch.Tensor, x: torch.Tensor, index: torch.Tensor | None) -> None:
-    """The PyTorch path: the recursive triangle blocks, as bf16/fp16 MMA with fp32 output on CUDA
-    where torch offers it, else after conversion to the accumulator's dtype in token chunks."""
+    """The PyTorch path, and on CUDA the cuBLAS route: the recursive triangle blocks, each one
+    GEMM. On CUDA, bf16/fp16 rows go straight into the tensor cores with fp32 output: added in
+    place into the accumulator's block (``addmm(..., out_dtype=float32, out=block)``, beta = 1,
+    no temporary) where this torch does that correctly (checked once), else through a temporary
+    block. Elsewhere the rows are converted to the accumulator's dtype in token chunks. The
+    counted rows are gathered once per update, never per block."""
     d = acc.shape[0]
     rows = x if index is None else x.index_select(0, index)
     low_precision = rows.dtype in (torch.bfloat16, torch.float16)
     mixed = rows.is_cuda and low_precision and acc.dtype == torch.float32 and _has_out_dtype()
+    in_place = mixed and _has_addmm_out_dtype()
     chunk = max(256, min(8192, (256 << 20) // max(1, d * acc.element_size())))
     blocks = list(triangle_blocks(0, d))
     for c0 in range(0, rows.shape[0], chunk):
@@ -74,7 +79,10 @@ def _syrk_upper_torch_(acc: torch.Tensor, x: torch.Tensor, index: torch.Tensor |
         if not mixed:
             xc = xc.to(acc.dtype)
         for r0, r1, k0, k1 in blocks:
-            if mixed:
+            if in_place:
+                block = acc[r0:r1, k0:k1]
+                torch.addmm(block, xc[:, r0:r1].T, xc[:, k0:k1], out_dtype=torch.float32, out=block)
+            elif mixed:
                 acc[r0:r1, k0:k1] += torch.mm(xc[:, r0:r1].T, xc[:, k0:k1], out_dtype=torch.float32)
             else:
                 acc[r0:r1, k0:k1].addmm_(xc[:, r0:r1].T, xc[:, k0:k1])
@@ -93,6 +101,30 @@ def _has_out_dtype() -> bool:
         except (TypeError, RuntimeError):
             _out_dtype_ok = False
     return _out_dtype_ok
+
+
+_addmm_ok: bool | None = None
+
+
+def _has_addmm_out_dtype() -> bool:
+    """Whether ``torch.addmm(block, a, b, out_dtype=torch.float32, out=block)`` adds a bf16
+    product into a strided fp32 block of a larger matrix, correctly and in place, on CUDA (torch
+    2.8+). Checked once on a small case against fp32, the rest of the matrix included."""
+    global _addmm_ok
+    if _addmm_ok is None:
+        try:
+            gen = torch.Generator().manual_seed(0)
+            a = torch.randn(37, 5, generator=gen).to(device="cuda", dtype=torch.bfloat16)
+            b = torch.randn(37, 6, generator=gen).to(device="cuda", dtype=torch.bfloat16)
+            acc = torch.ones(9, 13, device="cuda")
+            want = acc.clone()
+            want[2:7, 4:10] += a.float().T @ b.float()
+            block = acc[2:7, 4:10]
+            torch.addmm(block, a.T, b, out_dtype=torch.float32, out=block)
+            _addmm_ok = bool(torch.allclose(acc, want, rtol=1e-5, atol=1e-5))
+        except (TypeError, RuntimeError, NotImplementedError):
+            _addmm_ok = False
+    return _addmm_ok
 
 
 def staging_dtype(

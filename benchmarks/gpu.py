@@ -158,7 +158,11 @@ def selection(args) -> str:
             bench.main(["--device", "cpu", "--quick", "--reps", "1", "--backend", backend])
             for backend in ("triton", "torch")
         )
-    return bench.main(["--device", "cuda", "--shapes", "gpu-suite", "--reps", "5"])
+    default = bench.main(["--device", "cuda", "--shapes", "gpu-suite", "--reps", "5"])
+    # the prepared alternative for long rows: four histogram passes instead of 31 counts
+    radix = bench.main(["--device", "cuda", "--shapes", "long-rows", "--row-select", "radix"])
+    os.environ.pop("PYATTR_ROW_SELECT", None)
+    return default + "\n\n" + radix
 
 
 @step("covariance")

@@ -15,6 +15,7 @@ read + write). Peak extra memory (CUDA) is the allocator's peak above the inputs
 from __future__ import annotations
 
 import argparse
+import os
 
 import torch
 from pyattr.kernels.matrix_topk import matrix_topk_ref
@@ -33,7 +34,13 @@ LLAMA3_8B = [(1024, 4096), (14336, 4096), (4096, 14336)]  # k/v (grouped queries
 LLAMA70B = [(8192, 8192), (28672, 8192), (8192, 28672)]
 CPU_SIZES = LLAMA7B
 QUICK_SIZES = [(96, 132)]  # ragged for the row kernels, a multiple of 4 for 2:4
-SHAPES = {"7b": LLAMA7B, "gpu-suite": LLAMA7B + LLAMA3_8B + LLAMA70B, "quick": QUICK_SIZES}
+LONG_ROWS = [(4096, 11008), (4096, 14336), (8192, 28672)]  # where the row select is longest
+SHAPES = {
+    "7b": LLAMA7B,
+    "gpu-suite": LLAMA7B + LLAMA3_8B + LLAMA70B,
+    "long-rows": LONG_ROWS,
+    "quick": QUICK_SIZES,
+}
 FRACTION = 0.03  # the paper's region is ~3% of the weights
 
 
@@ -151,7 +158,14 @@ def main(argv: list[str] | None = None) -> str:
         default="auto",
         help="pin pyattr's selection backend (triton on the CPU needs TRITON_INTERPRET=1)",
     )
+    parser.add_argument(
+        "--row-select",
+        choices=["bitwise", "radix"],
+        help="the long-row select of the Triton kernels (sets PYATTR_ROW_SELECT)",
+    )
     args = parser.parse_args(argv)
+    if args.row_select:
+        os.environ["PYATTR_ROW_SELECT"] = args.row_select
     device = args.device
     default = "quick" if args.quick else None
     sizes = SHAPES.get(args.shapes or default) or (
@@ -188,9 +202,9 @@ def _run(device: str, sizes, reps: int, every_output: bool) -> str:
                         "mem": peak_extra(fn, device, w.numel()),
                     }
                 )
-    out = f"Selection · {header(device)} · copy bandwidth {ceiling / 1e9:.1f} GB/s\n\n" + table(
-        rows, COLUMNS
-    )
+    select = os.environ.get("PYATTR_ROW_SELECT", "bitwise")
+    out = f"Selection · {header(device)} · copy bandwidth {ceiling / 1e9:.1f} GB/s"
+    out += f" · long rows: {select} select\n\n" + table(rows, COLUMNS)
     print(out)
     return out
 

@@ -15,6 +15,14 @@ Programs are (row, column chunk) pairs in row-major order, so a program's tie of
 the number of ties before it in flat order, and packed rows never straddle programs.
 Trade-off: six passes at full bandwidth beat any sort (which must write the scores); fewer
 passes would need 11- or 16-bit digits whose histograms no longer fit one program's registers.
+
+Floor and prediction (not measured yet): a select that recomputes scores must read W at least
+twice (once to find the threshold, once to write), 2·2 + 1 = 5 B/entry against this design's
+6·2 + 1 = 13 B/entry, so at most ~23% of copy bandwidth (the goal is 50%). The alternative to
+try if the GPU run falls short: one pass histogramming the top 16 bits into a 65536-bin
+global histogram (L2 atomics, warp-aggregated), then one pass that writes the mask for keys
+above the threshold bucket and compacts the few keys inside it (with their flat indices) for a
+small exact select and a scatter of its ties: two reads and one write, ~60% of copy.
 """
 
 from __future__ import annotations

@@ -10,17 +10,32 @@ the scores are never written. Memory traffic: W (+ G) read once, the mask writte
 Trade-off: the whole row lives in registers, which holds up to 32768 columns (the widest
 Llama-70B input is 28672); wider rows take the PyTorch path (``pyattr.ops``) with the same
 result. The 31 register passes are compute, hidden behind the read of W up to about 16K columns.
+
+Floor and prediction (H100 SXM, not measured yet; the GPU suite measures them). Bytes per row:
+2·d_in (bf16 W) + 1·d_in (bool mask), the statistics once through L2: 3 B/entry, 50 MB for a
+4096 × 4096 matrix, ~15 µs at 3.35 TB/s. Work per row of the bitwise select: 31 passes, each a
+compare of every key and one block-wide reduction (a barrier). At d_in = 4096 (8 warps, 16 keys
+per thread, about four programs per SM) that is ~2.7 µs per row per program: ~21 µs for the
+matrix, near the floor. At d_in = 28672 (BLOCK 32768, 16 warps, 64 keys per thread) the row
+holds ~130+ registers per thread (keys, W, flags): one program per SM and likely spills; 31
+passes of ~260 cycles make ~5 µs per row, ~300 µs for Llama-2-70B's 8192 × 28672 down
+projection against a 210 µs floor (~70% of copy at best). The prepared alternative,
+``PYATTR_ROW_SELECT=radix`` (``scores.select_top_radix``, one row per program): four 8-bit
+histogram passes and 256-entry scans instead of 31 counts, ~1 µs per long row, so the kernel
+should stay memory-bound at every Llama width; the benchmark measures both.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
 import triton.language as tl
 
-from .scores import score_keys, select_top, store_selection
+from .scores import score_keys, select_top, select_top_radix, store_selection
 
-__all__ = ["allocate_output", "row_topk_ref", "row_topk_triton"]
+__all__ = ["allocate_output", "row_select", "row_topk_ref", "row_topk_triton", "use_radix"]
 
 _OUT_BOOL, _OUT_PACKED, _OUT_ZERO = 0, 1, 2
 _MODES = {"bool": _OUT_BOOL, "packed": _OUT_PACKED, "zero": _OUT_ZERO}
@@ -43,6 +58,7 @@ def _row_topk_kernel(
     OUT: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
+    RADIX: tl.constexpr = False,
 ):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)[:, None]
     cols = tl.arange(0, BLOCK)[None, :]
@@ -50,7 +66,10 @@ def _row_topk_kernel(
     key, bad = score_keys(
         w_ptr, aux_ptr, rows, cols, valid, stride_w, stride_aux, PER_ENTRY, LARGEST
     )
-    sel = select_top(key, k, 1) & valid
+    if RADIX:
+        sel = select_top_radix(key, k, n_cols, BLOCK) & valid
+    else:
+        sel = select_top(key, k, 1) & valid
     row_bad = tl.sum(bad.to(tl.int32), axis=1)
     tl.store(
         bad_ptr + tl.program_id(0) * ROWS + tl.arange(0, ROWS),
@@ -73,6 +92,20 @@ def _row_topk_kernel(
         ROWS,
         BLOCK,
     )
+
+
+def row_select() -> str:
+    """How a long row is selected: "bitwise" (31 full-row counts, the default) or "radix" (four
+    8-bit histogram passes), from ``PYATTR_ROW_SELECT``: the switch the benchmark flips."""
+    method = os.environ.get("PYATTR_ROW_SELECT", "bitwise")
+    if method not in ("bitwise", "radix"):
+        raise ValueError(f"PYATTR_ROW_SELECT must be 'bitwise' or 'radix', got {method!r}")
+    return method
+
+
+def use_radix(rows: int) -> bool:
+    """The radix select takes one row per program (its histograms are per program)."""
+    return rows == 1 and row_select() == "radix"
 
 
 def _launch_config(n_cols: int) -> tuple[int, int, int]:
@@ -116,6 +149,7 @@ def row_topk_triton(
         OUT=mode,
         ROWS=rows,
         BLOCK=block,
+        RADIX=use_radix(rows),
         num_warps=warps,
     )
     return result, bad.sum()

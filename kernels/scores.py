@@ -101,6 +101,43 @@ def select_top(key, k, AXIS: tl.constexpr):
 
 
 @triton.jit
+def select_top_radix(key, k, n_valid, BLOCK: tl.constexpr):
+    """As ``select_top`` for a tile of ONE row (shape (1, BLOCK)), by radix select: four
+    passes of 8-bit digits, most significant first, each one histogram of the candidates'
+    digits (``tl.histogram``) and a 256-entry suffix sum, instead of 31 full-row counts.
+    The k-th largest key T and how many keys equal to T to take come out of the passes; then
+    every key > T and the first ``need`` keys equal to T, as in ``select_top``. ``n_valid``:
+    the number of valid keys (k = 0 selects none, k >= n_valid all)."""
+    flat = tl.reshape(key, (BLOCK,))
+    bins = tl.arange(0, 256)
+    prefix = 0
+    remaining = k
+    for i in tl.static_range(4):
+        shift = 24 - 8 * i
+        # candidates: valid keys whose digits above this one equal the prefix found so far
+        if i == 0:  # noqa: SIM108 (a constexpr branch: no shift by 32)
+            cand = flat >= 0
+        else:
+            cand = (flat >= 0) & ((flat >> (shift + 8)) == (prefix >> (shift + 8)))
+        digit = tl.where(cand, (flat >> shift) & 255, 256 + (flat & 255))
+        hist = tl.histogram(digit, 512)
+        h = tl.reshape(hist, (2, 256))
+        counts = tl.sum(tl.where(tl.arange(0, 2)[:, None] == 0, h, 0), axis=0)
+        above = tl.sum(counts) - tl.cumsum(counts, axis=0)  # candidates with a larger digit
+        enough = (above + counts) >= remaining
+        d = tl.max(tl.where(enough, bins, -1), axis=0)
+        remaining -= tl.sum(tl.where(bins == d, above, 0), axis=0)
+        prefix = prefix | (d << shift)
+    t = prefix
+    greater = key > t
+    eq = key == t
+    rank = tl.cumsum(eq.to(tl.int32), axis=1)
+    sel = greater | (eq & (rank <= remaining))
+    # "!= 0": the interpreter turns a mask combined with a scalar condition into integers
+    return ((sel & (k > 0)) | ((key >= 0) & (k >= n_valid))) != 0
+
+
+@triton.jit
 def store_selection(
     sel,
     rows,

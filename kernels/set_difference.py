@@ -19,8 +19,8 @@ import triton
 import triton.language as tl
 
 from .matrix_topk import matrix_threshold, matrix_topk_ref, write_selection
-from .row_topk import _launch_config, allocate_output, row_topk_ref
-from .scores import keys_from, select_top, store_selection
+from .row_topk import _launch_config, allocate_output, row_topk_ref, use_radix
+from .scores import keys_from, select_top, select_top_radix, store_selection
 
 __all__ = ["set_difference_ref", "set_difference_triton"]
 
@@ -45,6 +45,7 @@ def _setdiff_row_kernel(
     OUT: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
+    RADIX: tl.constexpr = False,
 ):
     row_ids = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     rows = row_ids[:, None]
@@ -53,8 +54,12 @@ def _setdiff_row_kernel(
     w = tl.load(w_ptr + rows * stride_w + cols, mask=valid, other=0.0).to(tl.float32)
     key_q, bad_q = keys_from(w, aq_ptr, rows, cols, valid, stride_q, PER_ENTRY, True)
     key_p, bad_p = keys_from(w, ap_ptr, rows, cols, valid, stride_p, PER_ENTRY, True)
-    sel_q = select_top(key_q, kq, 1) & valid
-    sel_p = select_top(key_p, kp, 1) & valid
+    if RADIX:
+        sel_q = select_top_radix(key_q, kq, n_cols, BLOCK) & valid
+        sel_p = select_top_radix(key_p, kp, n_cols, BLOCK) & valid
+    else:
+        sel_q = select_top(key_q, kq, 1) & valid
+        sel_p = select_top(key_p, kp, 1) & valid
     in_rows = row_ids < n_rows
     tl.store(inter_ptr + row_ids, tl.sum((sel_q & sel_p).to(tl.int32), axis=1), mask=in_rows)
     row_bad = tl.sum((bad_q | bad_p).to(tl.int32), axis=1)
@@ -115,6 +120,7 @@ def set_difference_triton(
             OUT=mode,
             ROWS=rows,
             BLOCK=block,
+            RADIX=use_radix(rows),
             num_warps=warps,
         )
         return result, inter.sum(), bad.sum()

@@ -445,3 +445,40 @@ def test_import_without_triton(tmp_path):
     run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "Triton is not installed" in run.stdout
+
+
+@pytest.mark.parametrize("snip", [False, True], ids=["wanda", "snip"])
+def test_radix_row_select_matches_the_reference(monkeypatch, snip, gen):
+    """The alternative long-row select (four 8-bit histogram passes instead of 31 full-row
+    counts, PYATTR_ROW_SELECT=radix) selects exactly the reference's entries: ragged rows
+    longer than 2048 columns (one row per program), ties, none and all selected, both
+    directions, every output mode, and the set difference."""
+    monkeypatch.setenv("PYATTR_ROW_SELECT", "radix")
+    from pyattr.kernels.row_topk import use_radix
+
+    assert use_radix(1) and not use_radix(4)
+    shape = (3, 2051)
+    w, stats = make(gen, shape, torch.bfloat16, snip, ties=True)
+    _, other = make(gen, shape, torch.bfloat16, snip)
+    scores = ref_scores(w, stats)
+    op = pyattr.snip_mask if snip else pyattr.wanda_mask
+    with ops.force_backend("triton"):
+        for fraction in (0.0, 1 / shape[1], 0.03, 0.5, 1.0):
+            for largest in (True, False):
+                k = count_for(fraction, shape[1])
+                want = row_topk_ref(scores, k, largest=largest)
+                assert torch.equal(op(w, stats, fraction=fraction, largest=largest), want)
+        want = row_topk_ref(scores, count_for(0.1, shape[1]))
+        assert torch.equal(op(w, stats, fraction=0.1, output="packed"), pack_bits(want))
+        target = w.clone()
+        op(target, stats, fraction=0.1, output="zero")
+        assert torch.equal(target, w.masked_fill(want, 0))
+        mask, counts = pyattr.set_difference_mask(w, stats, other, q=0.2, p=0.1)
+    n = shape[1]
+    ref, inter = set_difference_ref(
+        scores, ref_scores(w, other), count_for(0.2, n), count_for(0.1, n)
+    )
+    assert torch.equal(mask, ref) and counts.intersection == inter
+    monkeypatch.setenv("PYATTR_ROW_SELECT", "heap")
+    with pytest.raises(ValueError, match="PYATTR_ROW_SELECT must be"), ops.force_backend("triton"):
+        op(w, stats, fraction=0.1)

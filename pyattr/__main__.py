@@ -83,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, TypeError, FileNotFoundError, FileExistsError, ImportError) as exc:
             print(f"pyattr {args.command}: {exc}", file=sys.stderr)
             return 2
+        except OSError as exc:  # a full disk, an unreadable file: expected, named, one line
+            where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+            print(f"pyattr {args.command}: {exc.strerror or exc}{where}", file=sys.stderr)
+            return 2
     return selfcheck()
 
 

@@ -149,8 +149,7 @@ def calibrate(
     layers = list(layers) if layers is not None else find_linear_layers(model)
     _check_resident(layers, snip)
     exec_device = execution_device(device) if layerwise else None
-    if max_length is None:
-        max_length = context_length(model)
+    max_length = _max_length(model, max_length)
     encoded = (
         list(examples)
         if isinstance(examples[0], Encoded)
@@ -158,6 +157,11 @@ def calibrate(
             tokenizer, examples, max_length=max_length, count=count, system_prompt=system_prompt
         )
     )[rank::world]
+    if world == 1 and not any(bool(e.counted.any()) for e in encoded):
+        raise ValueError(
+            f"no token is counted in any of the {len(encoded)} examples: each is cut before "
+            f"its response (max_length={max_length}) or counts nothing (count={count!r})"
+        )
     groups = input_groups(model, layers)
     plan = plan_passes(
         items_for(groups, layers, collect, accumulate_dtype, exec_device),
@@ -197,6 +201,19 @@ def calibrate(
         samples=samples,
         tokens=tokens,
     )
+
+
+def _max_length(model: nn.Module, max_length: int | None) -> int | None:
+    """The model's context by default; an explicit length must be at least 2 tokens and fit
+    the context (longer sequences would index past the position embeddings)."""
+    context = context_length(model)
+    if max_length is None:
+        return context
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
+        raise ValueError(f"max_length must be an int >= 2, got {max_length!r}")
+    if context is not None and max_length > context:
+        raise ValueError(f"max_length={max_length} exceeds the model's context of {context} tokens")
+    return max_length
 
 
 def _check_resident(layers: Sequence[LinearLayer], snip: bool) -> None:

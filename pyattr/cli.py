@@ -42,11 +42,48 @@ def load_model(spec: str, dtype: str = "float32", device: str | None = None):
             f"pyattr: no model folder {path} (give a local Hugging Face folder, 'toy' or "
             "'toy:base'; edited models are written by `pyattr prune` and `pyattr lowrank edit`)"
         )
+    _check_model_folder(path)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).to(device).eval()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).to(device).eval()
+    except (OSError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SystemExit(f"pyattr: cannot load the model in {path}: {first}") from None
+    check_finite(model, path)
     return model, tokenizer
+
+
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
+def _check_model_folder(path: Path) -> None:
+    """Say what a model folder lacks (config, weights, tokenizer files) before transformers
+    would answer with a message about some other package."""
+    missing = []
+    if not (path / "config.json").is_file():
+        missing.append("config.json")
+    if not any(next(path.glob(pattern), None) for pattern in WEIGHT_FILES):
+        missing.append("weights (*.safetensors or *.bin)")
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        missing.append("tokenizer files (tokenizer.json or tokenizer.model)")
+    if missing:
+        raise SystemExit(f"pyattr: {path} is not a complete model folder: no {', '.join(missing)}")
+
+
+def check_finite(model, where) -> None:
+    """Refuse a model whose weights hold NaN or Inf, naming the first such parameter: its
+    statistics would be NaN and its generations garbage that a judge counts as jailbreaks."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.device.type != "meta" and not bool(torch.isfinite(param).all()):
+                bad = int((~torch.isfinite(param)).sum())
+                raise SystemExit(
+                    f"pyattr: the model in {where} has {bad} NaN/Inf values in {name}; "
+                    "refusing to compute anything from it"
+                )
 
 
 def _need(path: str | Path, what: str, command: str) -> Path:
@@ -342,6 +379,8 @@ def _analyze(args) -> int:
     from pyattr.analysis import heatmap, jaccard, overlap_table, save_table, similarities
     from pyattr.masks import region
 
+    if (args.r_u is None) != (args.r_s is None):
+        raise SystemExit("pyattr: give both --r-u and --r-s for the subspace similarity")
     model, _ = load_model(args.model, args.dtype)
     out = Path(args.out)
     safety = pyattr.load_stats(_need(args.safety, "statistics", "calibrate"), model=model)
@@ -548,6 +587,17 @@ def _report(args) -> int:
     return 0
 
 
+def _positive(text: str) -> int:
+    """An argument that counts something: a whole number >= 1, checked before any work."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {value}")
+    return value
+
+
 def _score_argument(parser) -> None:
     """``--score`` (once ``--method``), its choices and their meaning from the registry."""
     from pyattr import scores
@@ -585,11 +635,11 @@ def add_commands(commands) -> None:
     asr.add_argument("--suffixes", help="adversarial suffix file (adv_suffix)")
     asr.add_argument("--system-prompt", default=None, help="vanilla's (default: Llama-2's)")
     asr.add_argument("--no-system-prompt", action="store_true", help="vanilla without one")
-    asr.add_argument("--samples", type=int, default=5)
+    asr.add_argument("--samples", type=_positive, default=5)
     asr.add_argument("--min-words", type=int, help="short responses count as refusals")
     _judge_argument(asr)
-    asr.add_argument("--max-new-tokens", type=int)
-    asr.add_argument("--batch-size", type=int, default=32)
+    asr.add_argument("--max-new-tokens", type=_positive)
+    asr.add_argument("--batch-size", type=_positive, default=32)
     asr.add_argument("--backend", choices=["hf", "vllm"], default="hf")
     utility = argparse.ArgumentParser(add_help=False)
     utility.add_argument("--tasks", nargs="+", default=None, help="lm-eval tasks (utility)")
@@ -613,7 +663,7 @@ def add_commands(commands) -> None:
     p.add_argument("--toy-set", choices=["safety", "utility"], default="safety")
     p.add_argument("--prompt-column", default="prompt")
     p.add_argument("--response-column", default="response")
-    p.add_argument("--n", type=int, help="sample this many pairs")
+    p.add_argument("--n", type=_positive, help="sample this many pairs")
     p.add_argument(
         "--collect",
         nargs="+",
@@ -622,8 +672,8 @@ def add_commands(commands) -> None:
         help="statistics to gather: norms (wanda), covariance (ActSVD), snip (Σ|∂L_b/∂W|), "
         "grad_sum (Σ∂L_b/∂W, for snip_signed)",
     )
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--max-length", type=int)
+    p.add_argument("--batch-size", type=_positive, default=1)
+    p.add_argument("--max-length", type=_positive)
     p.add_argument("--out", required=True, help="statistics file (.safetensors)")
     p.set_defaults(run=_calibrate)
 
@@ -652,11 +702,11 @@ def add_commands(commands) -> None:
     p.add_argument("--data", help="pairs to fine-tune on (default: the toy's harmful pairs)")
     p.add_argument("--prompt-column", default="prompt")
     p.add_argument("--response-column", default="response")
-    p.add_argument("--n", type=int, help="sample this many pairs")
+    p.add_argument("--n", type=_positive, help="sample this many pairs")
     p.add_argument("--frozen", help="mask of the entries to keep bit for bit")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=_positive, default=8)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--lora-rank", type=int, help="LoRA through peft instead of full")
     p.add_argument("--seed", type=int, default=0)

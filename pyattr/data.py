@@ -12,6 +12,7 @@ by default only response tokens count for the statistics (the paper's "disentang
 from __future__ import annotations
 
 import csv
+import io
 import json
 import random
 import re
@@ -78,6 +79,27 @@ def _load_from_disk(path: Path, split: str | None) -> Sequence[Mapping]:
     return loaded
 
 
+def _text(path: Path) -> str:
+    """A data file's text: UTF-8, with or without the byte-order mark spreadsheet programs
+    write; anything else is an error naming the file."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ValueError(
+            f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8"
+        ) from None
+
+
+def _objects(path: Path, rows: list, where) -> list[Mapping]:
+    """Rows that are JSON objects; the first that is not is named with ``where(i)``."""
+    odd = next((i for i, r in enumerate(rows) if not isinstance(r, Mapping)), None)
+    if odd is not None:
+        raise ValueError(
+            f"{path}: {where(odd)} is a {type(rows[odd]).__name__}, not an object with columns"
+        )
+    return rows
+
+
 def _read_rows(path: Path, split: str | None = None) -> Sequence[Mapping]:
     if path.is_dir():
         return _load_from_disk(path, split)
@@ -85,17 +107,25 @@ def _read_rows(path: Path, split: str | None = None) -> Sequence[Mapping]:
         raise ValueError(f"{path}: split={split!r} applies only to a saved `datasets` directory")
     suffix = path.suffix.lower()
     if suffix == ".csv":
-        with path.open(newline="", encoding="utf-8") as f:
-            return list(csv.DictReader(f))
+        return list(csv.DictReader(io.StringIO(_text(path), newline="")))
     if suffix == ".jsonl":
-        with path.open(encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.strip()]
+        rows, lines = [], _text(path).splitlines()
+        for number, line in enumerate(lines, 1):
+            if line.strip():
+                try:
+                    rows.append((number, json.loads(line)))
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{path}: line {number} is not JSON ({exc.msg})") from None
+        objects = [r for _, r in rows]
+        return _objects(path, objects, lambda i: f"line {rows[i][0]}")
     if suffix == ".json":
-        with path.open(encoding="utf-8") as f:
-            rows = json.load(f)
+        try:
+            rows = json.loads(_text(path))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not JSON ({exc.msg} at line {exc.lineno})") from None
         if not isinstance(rows, list):
             raise ValueError(f"{path}: expected a JSON list of objects, got {type(rows).__name__}")
-        return rows
+        return _objects(path, rows, lambda i: f"item {i}")
     raise ValueError(f"{path}: unsupported file type {suffix!r} (use .csv, .json or .jsonl)")
 
 
@@ -146,7 +176,7 @@ def load_prompts(
     if not path.exists():
         raise FileNotFoundError(f"no prompt file {path}")
     if path.suffix.lower() in (".txt", "") and not path.is_dir():
-        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        prompts = [line.strip() for line in _text(path).splitlines()]
         prompts = [p for p in prompts if p]
     else:
         rows = _read_rows(path, split)

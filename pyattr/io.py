@@ -199,6 +199,14 @@ class RecordLog:
                     break  # cut short by an interruption: that work runs again
         return header, records
 
+    def retain(self, keep: Callable[[dict], bool]) -> None:
+        """Keep only the records ``keep`` accepts, rewriting the file atomically (work found
+        incomplete on resume runs again)."""
+        self.records = [r for r in self.records if keep(r)]
+        header = {"format": self.format, "digest": self.digest, "config": self.config}
+        lines = [json.dumps(header)] + [json.dumps(r) for r in self.records]
+        atomic_write(self.path, "\n".join(lines) + "\n")
+
     def append(self, records: Iterable[dict]) -> None:
         """Add finished records and flush them to disk."""
         new = list(records)

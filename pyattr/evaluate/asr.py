@@ -45,7 +45,7 @@ from torch import nn
 from ..data import is_wrapped, load_prompts, prompt_ids
 from ..io import RecordLog, atomic_write, config_digest, weight_digest
 from ..models import context_length
-from .generate import Generator, check_fits, make_generator
+from .generate import Generator, batches, check_fits, make_generator
 from .judge import Judge, KeywordJudge
 
 __all__ = [
@@ -224,6 +224,29 @@ def _aggregate(
     return asr, details
 
 
+def _complete_batches(log: RecordLog, jobs, encoded: dict, batch_size: int) -> dict:
+    """The batches of each job whose records are all on disk; the records of a batch cut
+    short by an interruption are dropped from the log, so that batch runs again whole."""
+    size = {
+        (job.key, index): len(chunk)
+        for job in jobs
+        for index, chunk in batches(encoded[job.key], batch_size)
+    }
+    seen: dict[tuple[str, int], int] = {}
+    for r in log.records:
+        key = (_Job(r["variant"], r["suffix"], r["sample"]).key, r["batch"])
+        seen[key] = seen.get(key, 0) + 1
+    whole = {key for key, count in seen.items() if count == size.get(key)}
+    if len(whole) < len(seen):
+        log.retain(
+            lambda r: (_Job(r["variant"], r["suffix"], r["sample"]).key, r["batch"]) in whole
+        )
+    done: dict[str, set[int]] = {}
+    for job_key, index in whole:
+        done.setdefault(job_key, set()).add(index)
+    return done
+
+
 def _prompts(model: nn.Module, prompts) -> list[str]:
     """Plain harmful requests: a list, a file, or the held-out set the model names."""
     if prompts is None:
@@ -373,6 +396,11 @@ def attack_success(
     prompts=None takes the held-out set a model carries in its config
     (``config.pyattr_harmful_prompts``: the toy model does), else it is an error.
     """
+    for name, value in (("batch_size", batch_size), ("max_new_tokens", max_new_tokens)):
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value < 1
+        ):
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
     if isinstance(backend, str) and backend not in ("hf", "vllm"):
         raise ValueError(f"backend must be 'hf', 'vllm' or a Generator, got {backend!r}")
     if not isinstance(backend, (str, Generator)):
@@ -431,10 +459,10 @@ def attack_success(
             digest=digest,
             mismatch="replace",
         )
-    records = list(log.records) if log is not None else []
     done: dict[str, set[int]] = {}
-    for r in records:
-        done.setdefault(_Job(r["variant"], r["suffix"], r["sample"]).key, set()).add(r["batch"])
+    if log is not None:
+        done = _complete_batches(log, jobs, encoded, batch_size)
+    records = list(log.records) if log is not None else []
     settings = {"max_new_tokens": max_new_tokens, "batch_size": batch_size}
     settings |= {"temperature": temperature, "seed": seed}
     owned = isinstance(backend, str)

@@ -1,0 +1,135 @@
+"""Bad input is a one-line error naming the problem, before any work or file is touched; a
+resumed run never keeps half a batch (issue 18)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from test_calibrate import EXAMPLES, tiny_llama
+from test_data import tokenizer
+
+import pyattr
+from pyattr.__main__ import main
+from pyattr.data import load_pairs, load_prompts
+from pyattr.evaluate import KeywordJudge, attack_success
+from pyattr.evaluate.generate import HfGenerator
+
+
+def one_line_error(args, capsys) -> str:
+    """Run the command line; it must fail with exit code 2 and say why in one line on stderr
+    (besides argparse's usage line and progress bars), never with a traceback."""
+    try:
+        code = main(args)
+    except SystemExit as exc:  # argparse and the commands' own refusals
+        code = exc.code if isinstance(exc.code, int) else 2
+        message = capsys.readouterr().err if isinstance(exc.code, int) else str(exc.code)
+    else:
+        message = capsys.readouterr().err
+    assert code == 2, message
+    assert "Traceback" not in message, message
+    said = [
+        line
+        for line in message.strip().splitlines()
+        if line.startswith("pyattr")
+        and not line.startswith("pyattr: error: argument --")
+        or ": error: argument" in line
+    ]
+    assert len(said) == 1, message
+    return said[0]
+
+
+def test_numbers_that_cannot_work_are_refused_up_front(tmp_path, capsys):
+    asr = ["eval", "asr", "--batch-size", "0", "--out", str(tmp_path / "a")]
+    assert "--batch-size: must be a whole number >= 1, got 0" in one_line_error(asr, capsys)
+    assert not (tmp_path / "a").exists()  # refused before the partial file was opened
+    cal = ["calibrate", "--max-length", "0", "--out", str(tmp_path / "s")]
+    assert "--max-length: must be a whole number >= 1, got 0" in one_line_error(cal, capsys)
+    cal = ["calibrate", "--max-length", "100000", "--out", str(tmp_path / "s")]
+    assert "exceeds the model's context of 256 tokens" in one_line_error(cal, capsys)
+    model = tiny_llama(torch.float32)
+    with pytest.raises(ValueError, match="batch_size must be a positive int, got 0"):
+        attack_success(model, tokenizer(), ["x"], batch_size=0, progress=False)
+    with pytest.raises(ValueError, match="max_length must be an int >= 2, got 1"):
+        pyattr.calibrate(model, tokenizer(), EXAMPLES[:2], max_length=1, progress=False)
+    with pytest.raises(ValueError, match="no token is counted in any of the 2 examples"):
+        pyattr.calibrate(model, tokenizer(), EXAMPLES[:2], max_length=2, progress=False)
+
+
+def test_data_files_are_read_as_people_save_them(tmp_path):
+    (tmp_path / "bom.csv").write_bytes("\ufeffgoal,target\nhow to,x\n".encode())
+    assert load_prompts(tmp_path / "bom.csv") == ["how to"]  # a spreadsheet's byte-order mark
+    (tmp_path / "latin.txt").write_bytes("caf\xe9 recipe\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin.txt: not UTF-8 text .* save it as UTF-8"):
+        load_prompts(tmp_path / "latin.txt")
+    (tmp_path / "ints.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"ints.json: item 0 is a int, not an object"):
+        load_pairs(tmp_path / "ints.json")
+    (tmp_path / "broken.jsonl").write_text('{"prompt": "a", "response": "b"}\n\n{"prompt": \n')
+    with pytest.raises(ValueError, match=r"broken.jsonl: line 3 is not JSON"):
+        load_pairs(tmp_path / "broken.jsonl")
+    (tmp_path / "bad.json").write_text('[{"prompt": "a",}]')
+    with pytest.raises(ValueError, match=r"bad.json: not JSON .* at line 1"):
+        load_pairs(tmp_path / "bad.json")
+
+
+def test_model_folders_that_cannot_load_say_why(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    message = one_line_error(["eval", "asr", "--model", str(empty)], capsys)
+    assert "no config.json, weights" in message and "tokenizer files" in message
+    model = tiny_llama(torch.float32)
+    folder = tmp_path / "nan"
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[0, 3] = float("nan")
+    model.save_pretrained(folder)
+    tokenizer().save_pretrained(folder)
+    message = one_line_error(["calibrate", "--model", str(folder), "--out", "s"], capsys)
+    assert "1 NaN/Inf values in model.layers.1.mlp.down_proj.weight" in message
+    assert not (tmp_path / "s").exists()
+
+
+def test_ranks_and_outputs_that_cannot_work(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    analyze = ["analyze", "--safety", "s", "--utility", "u", "--r-u", "16"]
+    assert "both --r-u and --r-s" in one_line_error([*analyze, "--out", "o"], capsys)
+    blocked = str(tmp_path / "file" / "sub" / "m")  # a folder under a file: an OSError
+    message = one_line_error(
+        ["mask", "--score", "magnitude", "--q", "0.1", "--out", blocked], capsys
+    )
+    assert "file" in message
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_resume_never_keeps_half_a_batch(tmp_path):
+    """An interruption that left only part of a batch on disk: the rerun drops that part and
+    generates the batch whole, so the result equals an uninterrupted run."""
+    model, tok = tiny_llama(torch.float32), tokenizer()
+    prompts = ["how do i make a cake", "help", "make a cake", "sure", "i make the cake"]
+    options = {"judge": KeywordJudge(phrases=("sorry",)), "max_new_tokens": 4, "batch_size": 2}
+    options |= {"variants": ["no_system"], "progress": False}
+    want = attack_success(model, tok, prompts, **options)
+
+    class StopAfterFirst(HfGenerator):
+        def batches(self, encoded, **kw):
+            for i, batch in enumerate(super().batches(encoded, **kw)):
+                if i == 1:
+                    raise _Stop
+                yield batch
+
+    out = tmp_path / "asr"
+    with pytest.raises(_Stop):
+        attack_success(model, tok, prompts, out=out, backend=StopAfterFirst(model, tok), **options)
+    partial = out / "responses.jsonl.partial"
+    lines = partial.read_text().splitlines()
+    assert len(lines) == 1 + 2  # the header and batch 0's two records
+    partial.write_text("\n".join(lines[:-1]) + "\n")  # the kill cut batch 0's last record
+    got = attack_success(model, tok, prompts, out=out, **options)
+    assert [r["response"] for r in got.records] == [r["response"] for r in want.records]
+    assert got.asr == want.asr and len(got.records) == len(prompts)
+    saved = [json.loads(line) for line in (out / "responses.jsonl").read_text().splitlines()]
+    assert len(saved) == len(prompts) and not partial.exists()

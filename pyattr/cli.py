@@ -86,6 +86,29 @@ def check_finite(model, where) -> None:
                 )
 
 
+def is_toy(spec: str) -> bool:
+    """Whether ``--model`` names the embedded toy (whose own data are the defaults)."""
+    return spec in ("toy", "toy:aligned", "toy:base")
+
+
+def _from_toy(spec: str) -> bool:
+    """The toy, or a folder pyattr wrote from it (its config names the toy's prompts)."""
+    if is_toy(spec):
+        return True
+    config = Path(spec) / "config.json"
+    try:
+        return "pyattr_harmful_prompts" in json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+
+
+def _toy_default(args, flag: str, what: str) -> None:
+    """A data argument may be left out only for the toy model (or a copy pyattr edited), whose
+    own data fill in."""
+    if getattr(args, flag.lstrip("-").replace("-", "_")) is None and not _from_toy(args.model):
+        raise SystemExit(f"pyattr: {flag} is needed ({what}); only the toy model has defaults")
+
+
 def _need(path: str | Path, what: str, command: str) -> Path:
     path = Path(path)
     if not path.exists():
@@ -133,6 +156,7 @@ def save_model(model, tokenizer, out: str | Path, *sources: str | None) -> Path:
 
 
 def _calibrate(args) -> int:
+    _toy_default(args, "--data", "the calibration pairs")
     import pyattr
     from pyattr.data import load_pairs
     from pyattr.io import fingerprint
@@ -211,6 +235,9 @@ def _prune(args) -> int:
 
 
 def _rewind(args) -> int:
+    if args.source is None:
+        _toy_default(args, "--source", "the model to copy the weights from")
+        args.source = "toy"
     check_model_out(args.out, args.model, args.source)
     import pyattr
     from pyattr.masks import Mask
@@ -227,6 +254,7 @@ def _rewind(args) -> int:
 
 
 def _finetune(args) -> int:
+    _toy_default(args, "--data", "the harmful pairs to fine-tune on")
     check_model_out(args.out, args.model)
     import pyattr
     from pyattr.data import load_pairs
@@ -580,10 +608,27 @@ def _report(args) -> int:
     from pyattr.report import write_report
 
     source = _need(args.results, "results table", "demo")
-    lines = source.read_text(encoding="utf-8").splitlines()
-    config = json.loads(lines[0]).get("config", {})
-    rows = [json.loads(line) for line in lines[1:] if line.strip()]
-    print(f"report: {write_report(args.out or source.parent, rows, config)}")
+    rows, config = [], {}
+    for number, line in enumerate(source.read_text(encoding="utf-8").splitlines()):
+        try:
+            record = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError:
+            break  # a line cut by an interruption, as the sweep itself reads it
+        if number == 0:
+            config = (record or {}).get("config", {})
+        elif record is not None:
+            rows.append(record)
+    overlap = {}
+    written = source.parent / "results.json"
+    if written.is_file():  # keep what only the finished run knew: overlap tables, timings
+        try:
+            previous = json.loads(written.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            previous = {}
+        titles = previous.get("overlap_titles", {})
+        overlap = {n: (t, titles.get(n, n)) for n, t in previous.get("overlap", {}).items()}
+        config = previous.get("config", config)
+    print(f"report: {write_report(args.out or source.parent, rows, config, overlap)}")
     return 0
 
 
@@ -715,7 +760,7 @@ def add_commands(commands) -> None:
 
     p = commands.add_parser("rewind", parents=[common], help="restore masked entries")
     p.add_argument("--mask", required=True, help="mask from `pyattr mask`")
-    p.add_argument("--source", default="toy", help="the model to copy them from")
+    p.add_argument("--source", help="the model to copy them from (default for the toy: toy)")
     p.add_argument("--complement", action="store_true", help="everything but the mask")
     p.add_argument("--out", required=True, help="model folder to write")
     p.set_defaults(run=_rewind)

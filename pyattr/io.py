@@ -14,6 +14,7 @@ import json
 import os
 import struct
 import tempfile
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -60,10 +61,26 @@ def weight_digest(w: torch.Tensor) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+STALE_S = 600  # a temporary file this old beside its target is a killed write's leftover
+
+
+def _remove_stale(path: Path) -> None:
+    """Remove what killed writes of ``path`` left (``.name.*.partial`` beside it, untouched for
+    ``STALE_S`` seconds: a live writer keeps its file fresh)."""
+    now = time.time()
+    for old in path.parent.glob(f".{path.name}.*.partial"):
+        try:
+            if now - old.stat().st_mtime > STALE_S:
+                old.unlink()
+        except OSError:
+            pass
+
+
 def write_atomically(path: str | Path, write: Callable[[str], object]) -> Path:
     """``write(temporary path)``, then rename it to ``path``; nothing is left on failure."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     os.close(fd)
     umask = os.umask(0)
@@ -144,6 +161,46 @@ def config_digest(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
 
 
+_held: dict[str, list] = {}  # lock file → [open handle, how many logs of this process hold it]
+
+
+class _Lock:
+    """An exclusive lock on a log's ``.lock`` file, shared by the logs one process opens on
+    the same path (counted) and refused to any other process while held."""
+
+    def __init__(self, path: Path) -> None:
+        self.name = str(path.with_name(path.name + ".lock").resolve())
+        held = _held.get(self.name)
+        if held is not None:
+            held[1] += 1
+            return
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not on Linux or macOS: no lock
+            _held[self.name] = [None, 1]
+            return
+        handle = open(self.name, "a+")  # noqa: SIM115 (held open while the lock is)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise FileExistsError(
+                f"{path} is being written by another run right now; wait for it to finish or "
+                "choose another output folder"
+            ) from None
+        _held[self.name] = [handle, 1]
+
+    def close(self) -> None:
+        held = _held.get(self.name)
+        if held is None:
+            return
+        held[1] -= 1
+        if held[1] == 0:
+            del _held[self.name]
+            if held[0] is not None:
+                held[0].close()  # closing the file releases the lock
+
+
 class RecordLog:
     """A resumable JSONL log: a header line ``{format, digest, config}``, then one record per
     line, each appended and flushed as soon as it exists.
@@ -169,6 +226,8 @@ class RecordLog:
         if mismatch not in ("raise", "replace"):
             raise ValueError(f"mismatch must be 'raise' or 'replace', got {mismatch!r}")
         self.path, self.config, self.format = Path(path), config, format
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock: _Lock | None = _Lock(self.path)
         self.digest = digest if digest is not None else config_digest(config)
         self.records: list[dict] = []
         if resume and self.path.exists():
@@ -176,11 +235,11 @@ class RecordLog:
             if header.get("digest") == self.digest:
                 self.records = records
             elif mismatch == "raise":
+                self.close()
                 raise FileExistsError(
                     f"{self.path} holds the results of another configuration; choose another "
                     "output folder or pass overwrite (--overwrite) to replace them"
                 )
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         header = {"format": format, "digest": self.digest, "config": config}
         lines = [json.dumps(header)] + [json.dumps(r) for r in self.records]
         atomic_write(self.path, "\n".join(lines) + "\n")
@@ -198,6 +257,12 @@ class RecordLog:
                 except json.JSONDecodeError:
                     break  # cut short by an interruption: that work runs again
         return header, records
+
+    def close(self) -> None:
+        """Let another run open this log (the lock also goes when the process ends)."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
     def retain(self, keep: Callable[[dict], bool]) -> None:
         """Keep only the records ``keep`` accepts, rewriting the file atomically (work found

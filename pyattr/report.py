@@ -233,6 +233,7 @@ def write_report(
     overlap = overlap or {}
     payload = {"config": config, "results": rows}
     payload["overlap"] = {name: table for name, (table, _) in overlap.items()}
+    payload["overlap_titles"] = {name: title for name, (_, title) in overlap.items()}
     atomic_write(out / "results.json", (json.dumps(payload, indent=1) + "\n").encode())
     flat = summary_rows(rows)
     save_table(flat, out / "results.csv")

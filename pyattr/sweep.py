@@ -41,6 +41,10 @@ class ResultsTable:
     def rows(self) -> list[dict]:
         return self._log.records
 
+    def close(self) -> None:
+        """Release the table for another run (``run_points`` does when it ends)."""
+        self._log.close()
+
     def done(self, key: str) -> dict | None:
         """The row of point ``key`` if it finished in this or an earlier run."""
         return next((r for r in self.rows if r.get("key") == key), None)
@@ -130,20 +134,24 @@ def run_points(
     progress: bool = True,
 ) -> list[dict]:
     """Edit, measure and append each point not in ``table`` yet; returns all rows. Every point
-    is checked before the first one runs."""
+    is checked before the first one runs; the table is released (for another run) at the end,
+    also when a point fails."""
     from tqdm.auto import tqdm
 
-    for point in points:
-        point.check()
-    bar = tqdm(points, desc="sweep", unit="point", disable=not progress)
-    for point in bar:
-        bar.set_postfix_str(point.key)
-        if table.done(point.key):
-            continue
-        start = time.perf_counter()
-        model, removed, unit = editor.edited(point)
-        row = {"key": point.key, "edit": point.edit, "params": point.params}
-        row |= {"removed": removed, "unit": unit, **measure(model)}
-        row["seconds"] = round(time.perf_counter() - start, 2)
-        table.append(row)
+    try:
+        for point in points:
+            point.check()
+        bar = tqdm(points, desc="sweep", unit="point", disable=not progress)
+        for point in bar:
+            bar.set_postfix_str(point.key)
+            if table.done(point.key):
+                continue
+            start = time.perf_counter()
+            model, removed, unit = editor.edited(point)
+            row = {"key": point.key, "edit": point.edit, "params": point.params}
+            row |= {"removed": removed, "unit": unit, **measure(model)}
+            row["seconds"] = round(time.perf_counter() - start, 2)
+            table.append(row)
+    finally:
+        table.close()
     return table.rows

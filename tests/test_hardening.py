@@ -85,7 +85,10 @@ def test_model_folders_that_cannot_load_say_why(tmp_path, capsys):
         model.model.layers[1].mlp.down_proj.weight[0, 3] = float("nan")
     model.save_pretrained(folder)
     tokenizer().save_pretrained(folder)
-    message = one_line_error(["calibrate", "--model", str(folder), "--out", "s"], capsys)
+    data = tmp_path / "pairs.csv"
+    data.write_text("prompt,response\nhow,sure\n")
+    calibrate = ["calibrate", "--model", str(folder), "--data", str(data), "--out", "s"]
+    message = one_line_error(calibrate, capsys)
     assert "1 NaN/Inf values in model.layers.1.mlp.down_proj.weight" in message
     assert not (tmp_path / "s").exists()
 
@@ -133,3 +136,60 @@ def test_resume_never_keeps_half_a_batch(tmp_path):
     assert got.asr == want.asr and len(got.records) == len(prompts)
     saved = [json.loads(line) for line in (out / "responses.jsonl").read_text().splitlines()]
     assert len(saved) == len(prompts) and not partial.exists()
+
+
+def test_one_writer_per_log_and_no_leftovers(tmp_path):
+    """A second run writing the same results log is refused while the first holds it; the
+    lock goes with the first; temporary files of killed writes are removed on the next write."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from pyattr.io import STALE_S, RecordLog, atomic_write
+
+    second = (
+        "import sys; from pyattr.io import RecordLog\n"
+        "try:\n    RecordLog(sys.argv[1], {'a': 1}, format='t')\n"
+        "except FileExistsError as e:\n    print(e); sys.exit(3)\n"
+    )
+    path = tmp_path / "r.jsonl"
+    first = RecordLog(path, {"a": 1}, format="t")
+    other = subprocess.run(
+        [sys.executable, "-c", second, str(path)], capture_output=True, text=True
+    )
+    assert other.returncode == 3 and "being written by another run" in other.stdout
+    first.append([{"x": 1}])
+    first.close()
+    other = subprocess.run(
+        [sys.executable, "-c", second, str(path)], capture_output=True, text=True
+    )
+    assert other.returncode == 0, other.stderr
+    again = RecordLog(path, {"a": 1}, format="t")
+    assert again.records == [{"x": 1}]
+    again.close()
+    old = tmp_path / ".m.safetensors.abc123.partial"
+    fresh = tmp_path / ".m.safetensors.def456.partial"
+    for leftover in (old, fresh):
+        leftover.write_bytes(b"x" * 10)
+    past = time.time() - STALE_S - 5
+    os.utime(old, (past, past))
+    atomic_write(tmp_path / "m.safetensors", b"data")
+    assert not old.exists() and fresh.exists()  # a live writer's file is left alone
+
+
+def test_only_the_toy_model_has_default_data(tmp_path, capsys):
+    """A model of your own needs its data named: nothing falls back to the toy's silently."""
+    model = tiny_llama(torch.float32)
+    folder = tmp_path / "mine"
+    model.save_pretrained(folder)
+    tokenizer().save_pretrained(folder)
+    mine = ["--model", str(folder)]
+    message = one_line_error(["calibrate", *mine, "--out", str(tmp_path / "s")], capsys)
+    assert "--data is needed (the calibration pairs)" in message
+    message = one_line_error(["finetune", *mine, "--out", str(tmp_path / "f")], capsys)
+    assert "--data is needed (the harmful pairs" in message
+    rewind = ["rewind", *mine, "--mask", "m", "--out", str(tmp_path / "r")]
+    assert "--source is needed" in one_line_error(rewind, capsys)
+    message = one_line_error(["eval", "asr", *mine, "--max-new-tokens", "4"], capsys)
+    assert "no harmful prompts given" in message and "--prompts" in message

@@ -85,3 +85,24 @@ def test_report_folder(tmp_path):
     assert "![ASR and utility" in report and "with frozen weights" in report
     with pytest.raises(ValueError, match="no results"):
         write_report(tmp_path, [], config)
+
+
+def test_re_rendering_keeps_the_overlap_and_the_timings(tmp_path):
+    """`pyattr report --results results.jsonl` rewrites the report from the table without
+    losing what only the finished run wrote (overlap tables and their titles, timings), and
+    reads a table whose last line an interruption cut."""
+    pytest.importorskip("matplotlib")
+    from pyattr.__main__ import main
+
+    config = {"judge": "toy-exact", "total_s": 12.5}
+    overlap = {"jaccard": ([{"layer": "a", "block": 0, "module": "q", "value": 0.2}], "Jaccard")}
+    write_report(tmp_path, ROWS, config, overlap)
+    lines = [json.dumps({"format": "pyattr.results/1", "config": {"judge": "toy-exact"}})]
+    lines += [json.dumps(r) for r in ROWS] + ['{"key": "cut']
+    (tmp_path / "results.jsonl").write_text("\n".join(lines))
+    assert main(["report", "--results", str(tmp_path / "results.jsonl")]) == 0
+    payload = json.loads((tmp_path / "results.json").read_text())
+    assert payload["config"]["total_s"] == 12.5 and payload["overlap"]["jaccard"][0]["value"] == 0.2
+    assert len(payload["results"]) == len(ROWS)
+    report = (tmp_path / "report.md").read_text()
+    assert "### Jaccard" in report and (tmp_path / "jaccard.png").exists()

@@ -253,8 +253,8 @@ def _prompts(model: nn.Module, prompts) -> list[str]:
         prompts = getattr(getattr(model, "config", None), "pyattr_harmful_prompts", None)
         if prompts is None:
             raise ValueError(
-                "no harmful prompts given: pass prompts (a list or a file); only the toy model "
-                "carries its own held-out set"
+                "no harmful prompts given: pass prompts (a list or a file; --prompts on the "
+                "command line); only the toy model carries its own held-out set"
             )
     if isinstance(prompts, (str, Path)):
         prompts = load_prompts(prompts)
@@ -459,39 +459,46 @@ def attack_success(
             digest=digest,
             mismatch="replace",
         )
-    done: dict[str, set[int]] = {}
-    if log is not None:
-        done = _complete_batches(log, jobs, encoded, batch_size)
-    records = list(log.records) if log is not None else []
     settings = {"max_new_tokens": max_new_tokens, "batch_size": batch_size}
     settings |= {"temperature": temperature, "seed": seed}
-    owned = isinstance(backend, str)
-    generator = make_generator(backend, model, tokenizer, vllm_options) if owned else backend
     try:
-        records += _generate(
-            generator,
-            jobs,
-            encoded,
-            prompts,
-            judge,
-            log=log,
-            done=done,
-            settings=settings,
-            progress=progress,
+        done: dict[str, set[int]] = {}
+        if log is not None:
+            done = _complete_batches(log, jobs, encoded, settings["batch_size"])
+        records = list(log.records) if log is not None else []
+        owned = isinstance(backend, str)
+        generator = make_generator(backend, model, tokenizer, vllm_options) if owned else backend
+        try:
+            records += _generate(
+                generator,
+                jobs,
+                encoded,
+                prompts,
+                judge,
+                log=log,
+                done=done,
+                settings=settings,
+                progress=progress,
+            )
+        finally:
+            if owned:
+                generator.close()
+        records.sort(
+            key=lambda r: (
+                jobs.index(_Job(r["variant"], r["suffix"], r["sample"])),
+                r["prompt_index"],
+            )
         )
+        asr, details = _aggregate(jobs, records, len(prompts), suffix_aggregate, decoding_aggregate)
+        report = AsrReport(asr, details, config, records)
+        if folder is not None:
+            atomic_write(folder / "responses.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+            atomic_write(folder / "summary.json", json.dumps(report.summary(), indent=2) + "\n")
+            log.path.unlink()
+        return report
     finally:
-        if owned:
-            generator.close()
-    records.sort(
-        key=lambda r: (jobs.index(_Job(r["variant"], r["suffix"], r["sample"])), r["prompt_index"])
-    )
-    asr, details = _aggregate(jobs, records, len(prompts), suffix_aggregate, decoding_aggregate)
-    report = AsrReport(asr, details, config, records)
-    if folder is not None:
-        atomic_write(folder / "responses.jsonl", "".join(json.dumps(r) + "\n" for r in records))
-        atomic_write(folder / "summary.json", json.dumps(report.summary(), indent=2) + "\n")
-        log.path.unlink()
-    return report
+        if log is not None:
+            log.close()
 
 
 def rejudge(report: AsrReport, judge: Judge) -> AsrReport:

@@ -88,11 +88,20 @@ def environment(args) -> str:
             ("SMs", str(p.multi_processor_count)),
             ("memory", f"{p.total_memory / 2**30:.1f} GiB"),
             ("compute capability", f"{p.major}.{p.minor}"),
+            ("cuBLAS route adds in place", str(_addmm_in_place())),
         ]
     else:
         rows.append(("GPU", "none (dry run)"))
     rows += list(ops.backends().items())
     return table([{"what": k, "value": v} for k, v in rows], [("what", "what"), ("value", "")])
+
+
+def _addmm_in_place() -> bool:
+    """Whether the covariance's cuBLAS route adds each block in place (addmm with out_dtype
+    and out=block passed its self-check) or through a temporary."""
+    from pyattr.ops.covariance import _has_addmm_out_dtype
+
+    return _has_addmm_out_dtype()
 
 
 @step("ceilings")

@@ -200,6 +200,7 @@ def calibrate(
         grad_sum={n: g for n, g in grads["grad_sum"].items() if n in layer_group},
         samples=samples,
         tokens=tokens,
+        architecture=type(model).__name__,
     )
 
 

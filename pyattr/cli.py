@@ -109,6 +109,15 @@ def _toy_default(args, flag: str, what: str) -> None:
         raise SystemExit(f"pyattr: {flag} is needed ({what}); only the toy model has defaults")
 
 
+def _stats(args, path: str, model):
+    """Statistics for ``model`` from ``pyattr calibrate``'s file (the class check waived with
+    --allow-other-model)."""
+    import pyattr
+
+    file = _need(path, "statistics", "calibrate")
+    return pyattr.load_stats(file, model=model, allow_other_model=args.allow_other_model)
+
+
 def _need(path: str | Path, what: str, command: str) -> Path:
     path = Path(path)
     if not path.exists():
@@ -196,10 +205,10 @@ def _mask(args) -> int:
     model, _ = load_model(args.model, args.dtype)
     safety = None
     if args.safety is not None:
-        safety = pyattr.load_stats(_need(args.safety, "statistics", "calibrate"), model=model)
+        safety = _stats(args, args.safety, model)
     utility = None
     if args.utility is not None:
-        utility = pyattr.load_stats(_need(args.utility, "statistics", "calibrate"), model=model)
+        utility = _stats(args, args.utility, model)
     mask, counts = region(
         model,
         safety,
@@ -302,7 +311,7 @@ def _lowrank(args) -> int:
         check_model_out(args.out, args.model)
     model, tok = load_model(args.model, args.dtype)
     if args.action == "eigen":
-        stats = pyattr.load_stats(_need(args.stats, "statistics", "calibrate"), model=model)
+        stats = _stats(args, args.stats, model)
         bases = pyattr.eigenbases(model, stats, keep=args.keep, dtype=torch.float64)
         print(f"eigenbases of {len(bases)} layers: {pyattr.save_eigenbases(bases, args.out)}")
         return 0
@@ -411,8 +420,8 @@ def _analyze(args) -> int:
         raise SystemExit("pyattr: give both --r-u and --r-s for the subspace similarity")
     model, _ = load_model(args.model, args.dtype)
     out = Path(args.out)
-    safety = pyattr.load_stats(_need(args.safety, "statistics", "calibrate"), model=model)
-    utility = pyattr.load_stats(_need(args.utility, "statistics", "calibrate"), model=model)
+    safety = _stats(args, args.safety, model)
+    utility = _stats(args, args.utility, model)
     _, counts = region(model, safety, utility, score=args.score, q=args.q, p=args.p)
     tables = {"jaccard": (overlap_table(jaccard(counts), model), f"Jaccard index, top {args.q:g}")}
     if args.r_u is not None:
@@ -530,7 +539,6 @@ def _sweep_points(args) -> list:
 
 
 def _sweep(args) -> int:
-    import pyattr
     from pyattr.report import write_report
     from pyattr.sweep import Editor, ResultsTable, run_points
 
@@ -541,8 +549,8 @@ def _sweep(args) -> int:
         raise SystemExit("pyattr: --rewind needs --rewind-from (the model to copy weights from)")
     points = _sweep_points(args)
     model, tok = load_model(args.model, args.dtype)
-    safety = pyattr.load_stats(_need(args.safety, "statistics", "calibrate"), model=model)
-    utility = pyattr.load_stats(_need(args.utility, "statistics", "calibrate"), model=model)
+    safety = _stats(args, args.safety, model)
+    utility = _stats(args, args.utility, model)
     out = Path(args.out)
     config = {"model": args.model, "points": [p.key for p in points]}
     config |= {
@@ -673,6 +681,11 @@ def add_commands(commands) -> None:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--model", default="toy", help="local HF folder, 'toy' or 'toy:base'")
     common.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    common.add_argument(
+        "--allow-other-model",
+        action="store_true",
+        help="use statistics made for another model class of the same shapes",
+    )
     # What ASR and utility mean, declared once for every command that measures them.
     asr = argparse.ArgumentParser(add_help=False)
     asr.add_argument("--prompts", help="harmful prompts file (default: the toy held-out set)")

@@ -30,7 +30,9 @@ __all__ = [
     "config_digest",
     "fingerprint",
     "load_tensors",
+    "meta_value",
     "save_tensors",
+    "tensor_of",
     "weight_digest",
     "write_atomically",
 ]
@@ -154,6 +156,37 @@ def load_tensors(path: str | Path, expected_format: str) -> tuple[dict[str, torc
             )
         # safe_open handles are not iterable: keys() is their API.
         return {k: f.get_tensor(k) for k in f.keys()}, meta  # noqa: SIM118
+
+
+def meta_value(path: str | Path, meta: dict, key: str, kind: type, *, default=None):
+    """Metadata ``key`` of a file, JSON-decoded when ``kind`` is dict or list; a missing key
+    (without ``default``) or a value of another type is one error naming the file and key, so
+    a hand-edited or foreign file is never a traceback."""
+    if key not in meta:
+        if default is not None:
+            return default
+        raise ValueError(f"{path}: metadata {key!r} is missing (a damaged or foreign file)")
+    raw = meta[key]
+    try:
+        value = json.loads(raw) if kind in (dict, list) else kind(raw)
+    except (ValueError, TypeError):
+        raise ValueError(f"{path}: metadata {key!r} is not a valid {kind.__name__}") from None
+    if not isinstance(value, kind):
+        raise ValueError(
+            f"{path}: metadata {key!r} is a {type(value).__name__}, not a {kind.__name__}"
+        )
+    return value
+
+
+def tensor_of(path: str | Path, tensors: dict, key: str, *, finite: bool = True) -> torch.Tensor:
+    """A tensor the file's metadata promises; missing, or NaN/Inf where values must be finite,
+    is one error naming the file and the tensor."""
+    if key not in tensors:
+        raise ValueError(f"{path}: no tensor {key!r} (a damaged or foreign file)")
+    t = tensors[key]
+    if finite and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{path}: tensor {key!r} holds NaN or Inf")
+    return t
 
 
 def config_digest(config: dict) -> str:

@@ -33,7 +33,7 @@ from torch import nn
 
 from .calibrate import Stats
 from .counts import Amount, resolve
-from .io import load_tensors, save_tensors, weight_digest
+from .io import load_tensors, meta_value, save_tensors, tensor_of, weight_digest
 from .models import LinearLayer, find_linear_layers, layers_by_name
 
 __all__ = [
@@ -197,11 +197,15 @@ def save_eigenbases(
 def load_eigenbases(path: str | Path, *, model: nn.Module | None = None) -> dict[str, Eigenbasis]:
     """Read eigenbases; with ``model``, check each layer exists with the same d_out."""
     tensors, meta = load_tensors(path, _FORMAT)
-    ranks, digests = json.loads(meta["rank"]), json.loads(meta["digest"])
-    bases = {
-        name: Eigenbasis(tensors[f"values/{name}"], tensors[f"vectors/{name}"], r, digests[name])
-        for name, r in ranks.items()
-    }
+    ranks = meta_value(path, meta, "rank", dict)
+    digests = meta_value(path, meta, "digest", dict)
+    bases = {}
+    for name, r in ranks.items():
+        if name not in digests:
+            raise ValueError(f"{path}: metadata 'digest' has no entry for {name}")
+        values = tensor_of(path, tensors, f"values/{name}")
+        vectors = tensor_of(path, tensors, f"vectors/{name}")
+        bases[name] = Eigenbasis(values, vectors, r, digests[name])
     if model is not None:
         layers = layers_by_name(model)
         for name, b in bases.items():

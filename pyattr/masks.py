@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from . import scores
-from .io import load_tensors, save_tensors
+from .io import load_tensors, meta_value, save_tensors, tensor_of
 from .models import LinearLayer, find_linear_layers
 from .ops.selection import pack_bits
 from .selection import SetDifference, set_difference_mask, topk_mask
@@ -62,13 +62,19 @@ def save_mask(
 def load_mask(path: str | Path, *, model: nn.Module | None = None) -> Mask:
     """Read a mask; with ``model``, check it fits that model's layers."""
     tensors, meta = load_tensors(path, FORMAT)
-    shapes = {k: tuple(v) for k, v in json.loads(meta["shapes"]).items()}
+    shapes = {k: tuple(v) for k, v in meta_value(path, meta, "shapes", dict).items()}
     if model is not None:
         check_fits(path, shapes, model)
     bits = torch.arange(8, dtype=torch.uint8)
     masks = {}
-    for name, packed in tensors.items():
-        d_out, d_in = shapes[name]
+    for name, shape in shapes.items():
+        packed = tensor_of(path, tensors, name)
+        d_out, d_in = shape
+        if packed.dtype != torch.uint8 or tuple(packed.shape) != (d_out, (d_in + 7) // 8):
+            raise ValueError(
+                f"{path}: {name} is {packed.dtype} {tuple(packed.shape)}, not the packed "
+                f"uint8 ({d_out}, {(d_in + 7) // 8}) of a {d_out} x {d_in} mask"
+            )
         unpacked = (packed[:, :, None] >> bits) & 1
         masks[name] = unpacked.reshape(d_out, -1)[:, :d_in].bool()
     return Mask(masks)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .covariance import CovarianceStats
-from .io import load_tensors, save_tensors
+from .io import load_tensors, meta_value, save_tensors, tensor_of
 from .models import layers_by_name
 
 __all__ = ["Stats", "check_fits", "load_stats", "save_stats"]
@@ -31,6 +31,8 @@ class Stats:
     optionally Σxxᵀ. layer_group: layer name → group key. shapes: layer name → (d_out, d_in).
     grad_abs: layer name → Σ_b |∂L_b/∂W| as (d_out, d_in) fp32 (SNIP). grad_sum: layer name →
     Σ_b ∂L_b/∂W, the signed sum (signed SNIP). samples/tokens: what was counted.
+    architecture: the model's class (``LlamaForCausalLM``), checked when the file is loaded
+    for a model.
     """
 
     groups: dict[str, CovarianceStats]
@@ -40,6 +42,7 @@ class Stats:
     grad_sum: dict[str, torch.Tensor] = field(default_factory=dict)
     samples: int = 0
     tokens: int = 0
+    architecture: str = ""
 
     def layers(self) -> list[str]:
         return list(self.layer_group)
@@ -122,6 +125,7 @@ def save_stats(
         "data": data,
         "samples": stats.samples,
         "tokens": stats.tokens,
+        "architecture": stats.architecture,
         "layer_group": json.dumps(stats.layer_group),
         "n": json.dumps(counts),
         "shapes": json.dumps(shapes),
@@ -130,22 +134,51 @@ def save_stats(
     return save_tensors(tensors, path, format=FORMAT, metadata=meta)
 
 
-def load_stats(path: str | Path, *, model: nn.Module | None = None) -> Stats:
-    """Read statistics; with ``model``, check they were made for a model of its shapes."""
+def load_stats(
+    path: str | Path, *, model: nn.Module | None = None, allow_other_model: bool = False
+) -> Stats:
+    """Read statistics; with ``model``, check they were made for a model of its class and
+    shapes (``allow_other_model=True`` skips the class check: statistics of another model
+    with the same shapes, on purpose). Every key and tensor is validated."""
     tensors, meta = load_tensors(path, FORMAT)
-    layer_group, counts = json.loads(meta["layer_group"]), json.loads(meta["n"])
-    shapes = {name: tuple(shape) for name, shape in json.loads(meta["shapes"]).items()}
+    layer_group = meta_value(path, meta, "layer_group", dict)
+    counts = meta_value(path, meta, "n", dict)
+    raw_shapes = meta_value(path, meta, "shapes", dict)
+    shapes = {}
+    for name, shape in raw_shapes.items():
+        if not (
+            isinstance(shape, list) and len(shape) == 2 and all(isinstance(v, int) for v in shape)
+        ):
+            raise ValueError(
+                f"{path}: metadata 'shapes' has {shape!r} for {name}, not [d_out, d_in]"
+            )
+        shapes[name] = tuple(shape)
+    architecture = meta.get("architecture", "")
     if model is not None:
+        here = type(model).__name__
+        if architecture and architecture != here and not allow_other_model:
+            raise ValueError(
+                f"{path} was made for another model: a {architecture}, this model is a "
+                f"{here}; pass allow_other_model=True (--allow-other-model) if you mean it"
+            )
         check_fits(path, shapes, model)
-    groups = {
-        key: CovarianceStats(
-            n=int(n), sum_sq=tensors[f"sum_sq/{key}"], covariance=tensors.get(f"covariance/{key}")
+    groups = {}
+    for key, n in counts.items():
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"{path}: metadata 'n' has {n!r} for {key}, not a count")
+        covariance = tensors.get(f"covariance/{key}")
+        if covariance is not None:
+            covariance = tensor_of(path, tensors, f"covariance/{key}")
+        groups[key] = CovarianceStats(
+            n=n, sum_sq=tensor_of(path, tensors, f"sum_sq/{key}"), covariance=covariance
         )
-        for key, n in counts.items()
-    }
+    missing = sorted(set(layer_group.values()) - set(groups))
+    if missing:
+        raise ValueError(f"{path}: layers refer to group {missing[0]!r}, which has no statistics")
 
     def grads(kind: str) -> dict[str, torch.Tensor]:
-        return {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith(f"{kind}/")}
+        keys = [k for k in tensors if k.startswith(f"{kind}/")]
+        return {k.split("/", 1)[1]: tensor_of(path, tensors, k) for k in keys}
 
     return Stats(
         groups=groups,
@@ -153,6 +186,7 @@ def load_stats(path: str | Path, *, model: nn.Module | None = None) -> Stats:
         shapes=shapes,
         grad_abs=grads("grad_abs"),
         grad_sum=grads("grad_sum"),
-        samples=int(meta["samples"]),
-        tokens=int(meta["tokens"]),
+        samples=meta_value(path, meta, "samples", int),
+        tokens=meta_value(path, meta, "tokens", int),
+        architecture=architecture,
     )

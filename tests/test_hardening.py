@@ -193,3 +193,70 @@ def test_only_the_toy_model_has_default_data(tmp_path, capsys):
     assert "--source is needed" in one_line_error(rewind, capsys)
     message = one_line_error(["eval", "asr", *mine, "--max-new-tokens", "4"], capsys)
     assert "no harmful prompts given" in message and "--prompts" in message
+
+
+def _rewrite(path, tensors=None, meta=None):
+    """Rewrite a safetensors file with changed tensors or metadata (a hand-edited file)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        old_meta = dict(f.metadata())
+        old = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    save_file(old | (tensors or {}), str(path), metadata={**old_meta, **(meta or {})})
+    return old_meta
+
+
+def test_files_are_validated_on_load(tmp_path):
+    """Missing or mistyped metadata, missing tensors and NaN in an eigenbasis are one error
+    naming the file and what is wrong; statistics of another model class are refused."""
+    import transformers
+    from test_calibrate import tiny_config
+
+    model, tok = tiny_llama(torch.float32), tokenizer()
+    stats = pyattr.calibrate(model, tok, EXAMPLES, collect=("covariance",), progress=False)
+    path = pyattr.save_stats(stats, tmp_path / "s.safetensors")
+    assert pyattr.load_stats(path, model=model).architecture == "LlamaForCausalLM"
+    _rewrite(path, meta={"shapes": "[1, 2]"})
+    with pytest.raises(ValueError, match=r"s.safetensors: metadata 'shapes' is a list, not a dict"):
+        pyattr.load_stats(path)
+    _rewrite(path, meta={"shapes": "{not json"})
+    with pytest.raises(ValueError, match=r"metadata 'shapes' is not a valid dict"):
+        pyattr.load_stats(path)
+    bases = pyattr.eigenbases(model, stats, progress=False)
+    name = next(iter(bases))
+    eigen = pyattr.save_eigenbases(bases, tmp_path / "e.safetensors")
+    meta = _rewrite(eigen, meta={"digest": "{}"})
+    with pytest.raises(ValueError, match=f"metadata 'digest' has no entry for {name}"):
+        pyattr.load_eigenbases(eigen)
+    vectors = bases[name].vectors.clone()
+    vectors[0, 0] = float("nan")
+    _rewrite(eigen, tensors={f"vectors/{name}": vectors}, meta={"digest": meta["digest"]})
+    with pytest.raises(ValueError, match=f"tensor 'vectors/{name}' holds NaN or Inf"):
+        pyattr.load_eigenbases(eigen)
+    # a Mistral of exactly the Llama's shapes: the shapes agree, the class does not
+    config = tiny_config().to_dict() | {"model_type": "mistral", "sliding_window": None}
+    config.pop("architectures", None)
+    other = transformers.MistralForCausalLM(transformers.MistralConfig(**config))
+    good = pyattr.save_stats(stats, tmp_path / "g.safetensors")
+    with pytest.raises(
+        ValueError, match="made for another model: a LlamaForCausalLM, this model is a Mistral"
+    ):
+        pyattr.load_stats(good, model=other)
+    assert pyattr.load_stats(good, model=other, allow_other_model=True).shapes == stats.shapes
+
+
+def test_a_hand_edited_mask_is_refused(tmp_path):
+    mask = pyattr.Mask({"a": torch.ones(2, 11, dtype=torch.bool)})
+    path = pyattr.save_mask(mask, tmp_path / "m.safetensors")
+    _rewrite(path, tensors={"a": torch.ones(2, 1, dtype=torch.uint8)})
+    with pytest.raises(
+        ValueError, match=r"a is torch.uint8 \(2, 1\), not the packed uint8 \(2, 2\)"
+    ):
+        pyattr.load_mask(path)
+    from pyattr.ops.selection import pack_bits
+
+    good = {"a": pack_bits(torch.ones(2, 11, dtype=torch.bool))}
+    _rewrite(path, tensors=good, meta={"shapes": '{"a": [2, 11], "b": [1, 1]}'})
+    with pytest.raises(ValueError, match="no tensor 'b'"):
+        pyattr.load_mask(path)

@@ -109,6 +109,24 @@ def _toy_default(args, flag: str, what: str) -> None:
         raise SystemExit(f"pyattr: {flag} is needed ({what}); only the toy model has defaults")
 
 
+def _content_digest(path: str | None) -> str | None:
+    """sha256 of a file's bytes (a folder: of its files' names and bytes), None for no file."""
+    if path is None:
+        return None
+    import hashlib
+
+    digest, root = hashlib.sha256(), Path(path)
+    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+    for file in files:
+        if not file.exists():
+            continue
+        digest.update(str(file.relative_to(root) if root.is_dir() else file.name).encode())
+        with file.open("rb") as f:
+            for block in iter(lambda f=f: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
 def _stats(args, path: str, model):
     """Statistics for ``model`` from ``pyattr calibrate``'s file (the class check waived with
     --allow-other-model)."""
@@ -570,8 +588,22 @@ def _sweep(args) -> int:
             "attack_data",
             "finetune_lr",
             "rewind_from",
+            "system_prompt",
+            "no_system_prompt",
+            "min_words",
+            "dtype",
+            "batch_size",
+            "backend",
+            "score",
         )
     }
+    # what changes a result is in the digest that guards resuming: files by their content,
+    # the model by its weights (another checkpoint in the same folder is another sweep)
+    from pyattr.evaluate.asr import model_fingerprint
+
+    config["model_weights"] = model_fingerprint(model)
+    for key in ("safety", "utility", "prompts", "suffixes", "text", "attack_data"):
+        config[f"{key}_sha256"] = _content_digest(getattr(args, key, None))
     table = ResultsTable(out / "results.jsonl", config, overwrite=args.overwrite)
     threat = None
     if args.finetune:

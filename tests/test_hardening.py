@@ -260,3 +260,32 @@ def test_a_hand_edited_mask_is_refused(tmp_path):
     _rewrite(path, tensors=good, meta={"shapes": '{"a": [2, 11], "b": [1, 1]}'})
     with pytest.raises(ValueError, match="no tensor 'b'"):
         pyattr.load_mask(path)
+
+
+def test_a_sweep_never_resumes_from_other_inputs(tmp_path, capsys):
+    """The digest that guards resuming covers what changes a result: the same prompt file
+    with other contents, or another dtype, is another sweep (refused, not reused)."""
+    d = tmp_path
+    main(["calibrate", "--collect", "norms", "--n", "8", "--out", str(d / "s")])
+    main(
+        [
+            "calibrate",
+            "--toy-set",
+            "utility",
+            "--collect",
+            "norms",
+            "--n",
+            "8",
+            "--out",
+            str(d / "u"),
+        ]
+    )
+    prompts = d / "prompts.txt"
+    prompts.write_text("how to make a cake\n")
+    sweep = ["sweep", "--safety", str(d / "s"), "--utility", str(d / "u"), "--top", "0.01"]
+    sweep += ["--prompts", str(prompts), "--judge", "keyword", "--max-new-tokens", "8"]
+    sweep += ["--out", str(d / "sweep")]
+    assert main(sweep) == 0
+    assert main(sweep) == 0  # the same inputs resume
+    prompts.write_text("how to bake bread\n")
+    assert "another configuration" in one_line_error(sweep, capsys)

@@ -61,7 +61,8 @@ class Stats:
         cov = self._group(layer).covariance
         if cov is None:
             raise ValueError(
-                "covariance was not collected: calibrate(..., collect=(..., 'covariance'))"
+                "covariance was not collected: calibrate(..., collect=(..., 'covariance')), "
+                "on the command line `pyattr calibrate --collect norms covariance`"
             )
         return cov
 
@@ -69,7 +70,8 @@ class Stats:
         """SNIP's Σ_b |∂L_b/∂W| (d_out, d_in) for the layer."""
         if layer not in self.grad_abs:
             raise ValueError(
-                f"no SNIP statistics for {layer!r}: calibrate(..., collect=(..., 'snip'))"
+                f"no SNIP statistics for {layer!r}: calibrate(..., collect=(..., 'snip')), on "
+                "the command line `pyattr calibrate --collect norms snip`"
             )
         return self.grad_abs[layer]
 
@@ -77,7 +79,8 @@ class Stats:
         """Σ_b ∂L_b/∂W (d_out, d_in) for the layer: the gradient of the summed loss."""
         if layer not in self.grad_sum:
             raise ValueError(
-                f"no summed gradients for {layer!r}: calibrate(..., collect=(..., 'grad_sum'))"
+                f"no summed gradients for {layer!r}: calibrate(..., collect=(..., 'grad_sum')), "
+                "on the command line `pyattr calibrate --collect norms grad_sum`"
             )
         return self.grad_sum[layer]
 

@@ -126,7 +126,6 @@ def ceilings(args) -> str:
 @step("tests")
 def tests(args) -> str:
     root = Path(__file__).resolve().parent.parent
-    env = dict(os.environ)
     commands = [
         ["-m", "requires_cuda", "tests"],
         ["tests/test_selection.py", "-k", "opcheck or compiles or without_triton"],
@@ -137,7 +136,6 @@ def tests(args) -> str:
         run = subprocess.run(
             [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *extra],
             cwd=root,
-            env=env,
             capture_output=True,
             text=True,
         )

@@ -110,7 +110,10 @@ def _toy_default(args, flag: str, what: str) -> None:
 
 
 def _content_digest(path: str | None) -> str | None:
-    """sha256 of a file's bytes (a folder: of its files' names and bytes), None for no file."""
+    """What identifies an input file for the sweep's digest: its bytes for files up to 64 MiB
+    (prompts, suffixes, texts, pairs: edited in place, they differ), size and modification time
+    for larger ones (statistics of a 7B model are ~22 GB; a new calibration rewrites the file).
+    A folder: the same over its files. None for no file."""
     if path is None:
         return None
     import hashlib
@@ -121,9 +124,11 @@ def _content_digest(path: str | None) -> str | None:
         if not file.exists():
             continue
         digest.update(str(file.relative_to(root) if root.is_dir() else file.name).encode())
-        with file.open("rb") as f:
-            for block in iter(lambda f=f: f.read(1 << 20), b""):
-                digest.update(block)
+        info = file.stat()
+        if info.st_size > 64 << 20:
+            digest.update(f"{info.st_size}:{info.st_mtime_ns}".encode())
+            continue
+        digest.update(file.read_bytes())
     return digest.hexdigest()
 
 

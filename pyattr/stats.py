@@ -68,21 +68,21 @@ class Stats:
 
     def grad(self, layer: str) -> torch.Tensor:
         """SNIP's Σ_b |∂L_b/∂W| (d_out, d_in) for the layer."""
-        if layer not in self.grad_abs:
-            raise ValueError(
-                f"no SNIP statistics for {layer!r}: calibrate(..., collect=(..., 'snip')), on "
-                "the command line `pyattr calibrate --collect norms snip`"
-            )
-        return self.grad_abs[layer]
+        return _gradients(self.grad_abs, layer, "SNIP statistics", "snip")
 
     def signed_grad(self, layer: str) -> torch.Tensor:
         """Σ_b ∂L_b/∂W (d_out, d_in) for the layer: the gradient of the summed loss."""
-        if layer not in self.grad_sum:
-            raise ValueError(
-                f"no summed gradients for {layer!r}: calibrate(..., collect=(..., 'grad_sum')), "
-                "on the command line `pyattr calibrate --collect norms grad_sum`"
-            )
-        return self.grad_sum[layer]
+        return _gradients(self.grad_sum, layer, "summed gradients", "grad_sum")
+
+
+def _gradients(sums: dict[str, torch.Tensor], layer: str, what: str, collect: str):
+    """One layer's gradient sums, or an error naming how to collect them."""
+    if layer not in sums:
+        raise ValueError(
+            f"no {what} for {layer!r}: calibrate(..., collect=(..., {collect!r})), on the "
+            f"command line `pyattr calibrate --collect norms {collect}`"
+        )
+    return sums[layer]
 
 
 def check_fits(path, shapes: dict[str, tuple[int, int]], model: nn.Module) -> None:

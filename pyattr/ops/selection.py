@@ -170,21 +170,22 @@ def _triton_path(kind: str, weight: Tensor, factors: list[Tensor], params: tuple
         return result, None, bad
 
 
+def _row_kernel(kind: str, params: tuple) -> bool:
+    """Whether the Triton path holds whole rows in registers (per-row top-k or set difference):
+    those kernels are limited in width, and check their scores row by row."""
+    return kind == "row" or (kind == "setdiff" and params[2])
+
+
 def _uses_triton(kind: str, weight: Tensor, params: tuple) -> bool:
-    per_row = kind in ("row", "nm") or (kind == "setdiff" and params[2])
-    return selection_backend(weight, per_row=per_row and kind != "nm") == "triton"
-
-
-def _zero_unchecked_rows(kind: str, params: tuple) -> bool:
-    """Whether a one-pass kernel would zero W before all of its scores are checked: the row
-    and N:M kernels check row by row, the matrix-wide ones in their first pass."""
-    return kind in ("row", "nm") or (kind == "setdiff" and params[2])
+    return selection_backend(weight, per_row=_row_kernel(kind, params)) == "triton"
 
 
 def _select(kind: str, weight: Tensor, factors: list[Tensor], params: tuple, out: str):
     if _uses_triton(kind, weight, params):
-        if out == "zero" and _zero_unchecked_rows(kind, params):
-            # One extra read so that an error never leaves W half edited.
+        if out == "zero" and (_row_kernel(kind, params) or kind == "nm"):
+            # These kernels zero W row by row (or group by group) as they check it; the
+            # matrix-wide ones check in their first pass. One extra read here, so that an error
+            # never leaves W half edited.
             bad = _count(torch.isnan(weight).sum())
             for f in factors:
                 bad = bad + (~(f >= 0)).sum()

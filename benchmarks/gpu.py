@@ -161,15 +161,25 @@ def selection(args) -> str:
     from benchmarks import selection as bench
 
     if args.dry_run:  # the Triton kernels in the interpreter, and the PyTorch path
-        return "\n\n".join(
-            bench.main(["--device", "cpu", "--quick", "--reps", "1", "--backend", backend])
-            for backend in ("triton", "torch")
+        out = "\n\n".join(
+            bench.main(["--device", "cpu", "--quick", "--reps", "1", "--backend", backend, *extra])
+            for backend, extra in [
+                ("triton", []),
+                ("torch", []),
+                ("triton", ["--ops", "matrix", "--matrix-select", "twopass"]),
+            ]
         )
+        os.environ.pop("PYATTR_MATRIX_SELECT", None)
+        return out
     default = bench.main(["--device", "cuda", "--shapes", "gpu-suite", "--reps", "5"])
     # the prepared alternative for long rows: four histogram passes instead of 31 counts
     radix = bench.main(["--device", "cuda", "--shapes", "long-rows", "--row-select", "radix"])
     os.environ.pop("PYATTR_ROW_SELECT", None)
-    return default + "\n\n" + radix
+    # and for matrix-wide selects: a bucket histogram and one compaction pass instead of six
+    matrix_only = ["--ops", "matrix", "--matrix-select", "twopass"]
+    twopass = bench.main(["--device", "cuda", "--shapes", "gpu-suite", *matrix_only])
+    os.environ.pop("PYATTR_MATRIX_SELECT", None)
+    return "\n\n".join([default, radix, twopass])
 
 
 @step("covariance")

@@ -83,6 +83,10 @@ def cases(shape, device, gen, every_output: bool = False):
     def ref_setdiff():
         return set_difference_ref(scores_ref(w, norms=n1), scores_ref(w, norms=n2), k_row, k_row)
 
+    def ref_setdiff_matrix():
+        scores = scores_ref(w, norms=n1), scores_ref(w, norms=n2)
+        return set_difference_ref(*scores, k_mat, k_mat, per_row=False)
+
     def ref_nm():
         return nm_ref(scores_ref(w, norms=n1), 2, 4, largest=False)
 
@@ -113,6 +117,14 @@ def cases(shape, device, gen, every_output: bool = False):
                 in_place,
                 ref_zero,
                 lambda: pyattr.wanda_mask(target, s1, fraction=FRACTION, output="zero"),
+            ),
+            (
+                "set difference (matrix, 3%/3%)",
+                base + d_in * 4,
+                ref_setdiff_matrix,
+                lambda: pyattr.set_difference_mask(
+                    w, s1, s2, q=FRACTION, p=FRACTION, granularity="matrix"
+                ),
             ),
         ]
     return w, extra + [
@@ -163,9 +175,19 @@ def main(argv: list[str] | None = None) -> str:
         choices=["bitwise", "radix"],
         help="the long-row select of the Triton kernels (sets PYATTR_ROW_SELECT)",
     )
+    parser.add_argument(
+        "--matrix-select",
+        choices=["radix", "twopass"],
+        help="the matrix-wide select of the Triton kernels (sets PYATTR_MATRIX_SELECT)",
+    )
+    parser.add_argument(
+        "--ops", default="", help="run only the ops whose name contains this text (e.g. matrix)"
+    )
     args = parser.parse_args(argv)
     if args.row_select:
         os.environ["PYATTR_ROW_SELECT"] = args.row_select
+    if args.matrix_select:
+        os.environ["PYATTR_MATRIX_SELECT"] = args.matrix_select
     device = args.device
     default = "quick" if args.quick else None
     sizes = SHAPES.get(args.shapes or default) or (
@@ -173,10 +195,11 @@ def main(argv: list[str] | None = None) -> str:
     )
     backend = None if args.backend == "auto" else args.backend
     with ops.force_backend(backend):
-        return _run(device, sizes, args.reps, every_output=args.shapes == "gpu-suite" or args.quick)
+        every = args.shapes == "gpu-suite" or args.quick or bool(args.ops)
+        return _run(device, sizes, args.reps, every_output=every, only=args.ops)
 
 
-def _run(device: str, sizes, reps: int, every_output: bool) -> str:
+def _run(device: str, sizes, reps: int, every_output: bool, only: str = "") -> str:
     ceiling = copy_bandwidth(device)
     gen = torch.Generator().manual_seed(0)
     rows = []
@@ -184,6 +207,8 @@ def _run(device: str, sizes, reps: int, every_output: bool) -> str:
         w, ops_list = cases(shape, device, gen, every_output)
         label = ops.backends()[f"selection[{'cuda' if device == 'cuda' else 'cpu'}]"]
         for name, nbytes, ref, fused in ops_list:
+            if only not in name:
+                continue
             medians = compare(
                 {"reference (score, sort)": ref, f"pyattr ({label})": fused}, device, reps
             )
@@ -203,8 +228,10 @@ def _run(device: str, sizes, reps: int, every_output: bool) -> str:
                     }
                 )
     select = os.environ.get("PYATTR_ROW_SELECT", "bitwise")
+    matrix = os.environ.get("PYATTR_MATRIX_SELECT", "radix")
     out = f"Selection · {header(device)} · copy bandwidth {ceiling / 1e9:.1f} GB/s"
-    out += f" · long rows: {select} select\n\n" + table(rows, COLUMNS)
+    out += f" · long rows: {select} select · matrix-wide: {matrix} select\n\n"
+    out += table(rows, COLUMNS)
     print(out)
     return out
 

@@ -180,7 +180,9 @@ def test_count_for():
 
 
 @pytest.mark.parametrize("output", ["bool", "zero"])
-def test_nan_statistics_raise_before_writing(backend, output, gen):
+@pytest.mark.parametrize("matrix_select", ["radix", "twopass"])
+def test_nan_statistics_raise_before_writing(backend, output, matrix_select, monkeypatch, gen):
+    monkeypatch.setenv("PYATTR_MATRIX_SELECT", matrix_select)
     w, norms = make(gen, (6, 20), torch.float32, snip=False)
     norms[4] = float("nan")
     target = w.clone()
@@ -482,3 +484,55 @@ def test_radix_row_select_matches_the_reference(monkeypatch, snip, gen):
     monkeypatch.setenv("PYATTR_ROW_SELECT", "heap")
     with pytest.raises(ValueError, match="PYATTR_ROW_SELECT must be"), ops.force_backend("triton"):
         op(w, stats, fraction=0.1)
+
+
+@pytest.mark.parametrize("snip", [False, True], ids=["wanda", "snip"])
+def test_twopass_matrix_select_matches_the_reference(monkeypatch, snip, gen):
+    """The alternative matrix-wide select (a 16-bit bucket histogram, then one pass that writes
+    the keys above the bucket and compacts those inside it; PYATTR_MATRIX_SELECT=twopass)
+    selects exactly the reference's entries: ragged shapes, heavy ties, none and all selected,
+    both directions, every output mode, the set difference, and the radix fallback taken when
+    the threshold's bucket is too full."""
+    import pyattr.kernels.matrix_topk as mt
+
+    monkeypatch.setenv("PYATTR_MATRIX_SELECT", "twopass")
+    assert mt.matrix_select() == "twopass"
+    op = pyattr.snip_mask if snip else pyattr.wanda_mask
+    for shape, floor in [((7, 61), 4096), ((13, 37), 4096), ((13, 37), 0)]:
+        monkeypatch.setattr(mt, "_CANDIDATE_FLOOR", floor)
+        w, stats = make(gen, shape, torch.bfloat16, snip, ties=True)
+        _, other = make(gen, shape, torch.bfloat16, snip)
+        scores, numel = ref_scores(w, stats), w.numel()
+        with ops.force_backend("triton"):
+            for fraction in (0.0, 1 / numel, 0.03, 0.5, 1.0):
+                for largest in (True, False):
+                    k = count_for(fraction, numel)
+                    got = op(w, stats, fraction=fraction, largest=largest, granularity="matrix")
+                    assert torch.equal(got, matrix_topk_ref(scores, k, largest=largest))
+            want = matrix_topk_ref(scores, count_for(0.3, numel))
+            packed = op(w, stats, fraction=0.3, granularity="matrix", output="packed")
+            assert torch.equal(packed, pack_bits(want))
+            target = w.clone()
+            op(target, stats, fraction=0.3, granularity="matrix", output="zero")
+            assert torch.equal(target, w.masked_fill(want, 0))
+            mask, counts = pyattr.set_difference_mask(
+                w, stats, other, q=0.2, p=0.1, granularity="matrix"
+            )
+        ref, inter = set_difference_ref(
+            scores,
+            ref_scores(w, other),
+            count_for(0.2, numel),
+            count_for(0.1, numel),
+            per_row=False,
+        )
+        assert torch.equal(mask, ref) and counts.intersection == inter
+    calls = []
+    monkeypatch.setattr(mt, "_candidates", lambda *a, **k: calls.append(1))
+    flat = torch.full((9, 41), 0.5, dtype=torch.bfloat16)
+    with ops.force_backend("triton"):
+        got = pyattr.wanda_mask(flat, torch.ones(41), fraction=0.4, granularity="matrix")
+    assert not calls, "a bucket holding every key must take the radix route"
+    assert torch.equal(got, matrix_topk_ref(torch.full((9, 41), 0.5), count_for(0.4, 9 * 41)))
+    monkeypatch.setenv("PYATTR_MATRIX_SELECT", "sort")
+    with pytest.raises(ValueError, match="PYATTR_MATRIX_SELECT must be"):
+        mt.matrix_select()

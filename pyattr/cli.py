@@ -410,6 +410,10 @@ def _limit(value: float | None) -> int | float | None:
 
 
 def _eval(args) -> int:
+    if args.action == "utility":  # task names and their data, before the model is loaded
+        from pyattr.evaluate import PAPER_TASKS, check_tasks
+
+        check_tasks(args.tasks or PAPER_TASKS, args.include_path)
     model, tok = load_model(args.model, args.dtype)
     if args.action == "asr":
         from pyattr.evaluate import attack_success
@@ -492,7 +496,9 @@ def _measurement(args, tok, toy_model: bool):
         from pyattr.evaluate import zero_shot
 
         def utility(m):
-            return zero_shot(m, tok, args.tasks, limit=_limit(args.limit))["mean_acc"]
+            return zero_shot(
+                m, tok, args.tasks, limit=_limit(args.limit), include_path=args.include_path
+            )["mean_acc"]
 
     elif toy_model:
         from pyattr.toy.measure import utility_accuracy
@@ -571,6 +577,10 @@ def _sweep(args) -> int:
     if args.rewind and args.rewind_from is None:
         raise SystemExit("pyattr: --rewind needs --rewind-from (the model to copy weights from)")
     points = _sweep_points(args)
+    if args.tasks:  # task names and their data, before the model is loaded or anything runs
+        from pyattr.evaluate import check_tasks
+
+        check_tasks(args.tasks, args.include_path)
     model, tok = load_model(args.model, args.dtype)
     safety = _stats(args, args.safety, model)
     utility = _stats(args, args.utility, model)
@@ -588,6 +598,7 @@ def _sweep(args) -> int:
             "samples",
             "max_new_tokens",
             "tasks",
+            "include_path",
             "limit",
             "judge",
             "attack_data",
@@ -741,6 +752,7 @@ def add_commands(commands) -> None:
     utility.add_argument(
         "--limit", type=float, help="documents per task: a count, or a fraction below 1"
     )
+    utility.add_argument("--include-path", help="folder of task YAMLs of your own (utility)")
     eigen = argparse.ArgumentParser(add_help=False)
     eigen.add_argument("--safety-eigen", help="safety eigenbases from `pyattr lowrank eigen`")
     eigen.add_argument("--utility-eigen", help="utility eigenbases from `pyattr lowrank eigen`")
@@ -829,7 +841,6 @@ def add_commands(commands) -> None:
 
     p = commands.add_parser("eval", parents=[common, asr, utility], help="ASR or zero-shot utility")
     p.add_argument("action", choices=["asr", "utility"])
-    p.add_argument("--include-path", help="folder of task YAMLs (utility)")
     p.add_argument("--out", help="ASR folder or utility JSON file")
     p.set_defaults(run=_eval)
 

@@ -115,3 +115,60 @@ def test_bad_tasks_are_named_before_anything_runs(world, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "lm_eval", None)
     with pytest.raises(ImportError, match=r"pip install 'pyattr\[eval\]'"):
         zero_shot(model, tok, ["toy_choice"], include_path=tmp_path)
+
+
+def test_task_data_that_cannot_be_loaded_is_one_error_before_any_model_work(
+    world, tmp_path, monkeypatch, capsys
+):
+    """A task whose data is missing (a local file gone; offline, the Hub's data never
+    downloaded) is a TaskDataError naming the task, raised by ``check_tasks`` before the
+    model is touched: the command line prints one line, and a sweep stops before it loads the
+    model or writes anything."""
+    from lm_eval.tasks import TaskManager
+
+    from pyattr.__main__ import main
+    from pyattr.evaluate.harness import TaskDataError, check_tasks
+
+    (tmp_path / "tasks").mkdir()
+    task = TASK.format(name="toy_gone", data=tmp_path / "gone.json")
+    (tmp_path / "tasks" / "gone.yaml").write_text(task)
+    with pytest.raises(TaskDataError, match=r"task 'toy_gone': its data could not be loaded"):
+        check_tasks(["toy_gone"], tmp_path / "tasks")
+    rc = main(["eval", "utility", "--tasks", "toy_gone", "--include-path", str(tmp_path / "tasks")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "toy_gone" in err and len(err.splitlines()) == 1
+    out = tmp_path / "sweep"
+    args = ["sweep", "--model", str(tmp_path / "no-model"), "--safety", "s", "--utility", "u"]
+    args += ["--prompts", "p.csv", "--top", "0.1", "--tasks", "toy_gone"]
+    rc = main([*args, "--include-path", str(tmp_path / "tasks"), "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "toy_gone" in err and "no-model" not in err and not out.exists()
+
+    def offline(self, specs):  # what datasets raises offline for a Hub data set never cached
+        raise ConnectionError("Couldn't reach 'aps/super_glue' on the Hub (LocalEntryNotFound)")
+
+    monkeypatch.setattr(TaskManager, "load", offline)
+    with pytest.raises(TaskDataError, match=r"'boolq'.*super_glue.*with internet access"):
+        check_tasks(["boolq"])
+
+
+def test_sweep_measures_a_local_task(world, tmp_path, capsys):
+    """``sweep --tasks NAME --include-path DIR`` reports the task's accuracy as each point's
+    utility, equal to ``zero_shot`` on the same model."""
+    from pyattr.__main__ import main
+
+    model, tok = world
+    docs = documents(0)[:12]
+    (tmp_path / "docs.json").write_text(json.dumps(docs))
+    (tmp_path / "t.yaml").write_text(TASK.format(name="toy_choice", data=tmp_path / "docs.json"))
+    assert main(["calibrate", "--collect", "norms", "--out", str(tmp_path / "s")]) == 0
+    utility = ["--toy-set", "utility", "--collect", "norms", "--out", str(tmp_path / "u")]
+    assert main(["calibrate", *utility]) == 0
+    sweep = ["sweep", "--safety", str(tmp_path / "s"), "--utility", str(tmp_path / "u")]
+    sweep += ["--top", "0.01", "--variants", "vanilla", "--max-new-tokens", "8"]
+    sweep += ["--tasks", "toy_choice", "--include-path", str(tmp_path)]
+    assert main([*sweep, "--out", str(tmp_path / "sweep")]) == 0
+    rows = (tmp_path / "sweep" / "results.jsonl").read_text().splitlines()
+    base = next(json.loads(r) for r in rows if json.loads(r).get("edit") == "none")
+    expected = zero_shot(model, tok, ["toy_choice"], include_path=tmp_path)["mean_acc"]
+    assert base["utility"] == pytest.approx(expected, abs=1e-12)

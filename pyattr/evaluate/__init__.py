@@ -10,7 +10,7 @@ from .asr import (
 )
 from .classifier import CausalLMJudge, ClassifierJudge
 from .generate import generate
-from .harness import PAPER_TASKS, zero_shot
+from .harness import PAPER_TASKS, check_tasks, zero_shot
 from .judge import REFUSAL_PHRASES, Judge, KeywordJudge, agreement
 from .measure import Measurement
 from .perplexity import perplexity
@@ -33,4 +33,5 @@ __all__ = [
     "perplexity",
     "rejudge",
     "zero_shot",
+    "check_tasks",
 ]

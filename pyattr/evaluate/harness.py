@@ -3,7 +3,10 @@
 The edited model is wrapped in lm-eval's ``HFLM`` as it is, so it is never saved just to be
 evaluated. The default tasks are the paper's six; ``include_path`` adds a folder of task YAML files
 of your own (a local data file makes a task that runs offline). Task names are checked before
-anything runs. lm-eval is an optional extra: ``pip install 'pyattr[eval]'``.
+anything runs, and their data is loaded once before any model work (``check_tasks``), so a task
+whose data set is not on this machine (offline, never downloaded) is one clear error at the
+start, not a network traceback after an hour of generation. lm-eval is an optional extra:
+``pip install 'pyattr[eval]'``.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from torch import nn
 from ..io import atomic_write
 from ..models import context_length
 
-__all__ = ["PAPER_TASKS", "zero_shot"]
+__all__ = ["PAPER_TASKS", "TaskDataError", "check_tasks", "zero_shot"]
 
 PAPER_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_challenge", "openbookqa")
 FORMAT = "pyattr.utility/1"
@@ -36,6 +39,56 @@ def _lm_eval():
             "`pip install 'pyattr[eval]'` (or `pip install lm-eval`)"
         ) from None
     return lm_eval, HFLM, TaskManager
+
+
+class TaskDataError(OSError):
+    """A task's data set could not be loaded (offline and not cached, a missing local file)."""
+
+
+def check_tasks(tasks: Sequence[str], include_path: str | Path | None = None):
+    """Check task names and load each task's data (lm-eval caches it), before any model work.
+    Returns the ``TaskManager`` to evaluate with. Unknown names are a ``ValueError`` with the
+    closest matches; data that cannot be loaded is a ``TaskDataError`` naming the task."""
+    tasks = list(dict.fromkeys(tasks))
+    if not tasks:
+        raise ValueError("no tasks to evaluate")
+    if include_path is not None and not Path(include_path).is_dir():
+        raise FileNotFoundError(f"no task folder {include_path}")
+    _, _, TaskManager = _lm_eval()
+    manager = None
+    if include_path is not None:  # indexing lm-eval's own thousands of tasks takes a while
+        manager = TaskManager(include_path=str(include_path), include_defaults=False)
+        if not set(tasks) <= set(manager.all_tasks):
+            manager = None
+    if manager is None:
+        manager = TaskManager(include_path=str(include_path) if include_path else None)
+    known = set(manager.all_tasks)
+    for name in tasks:
+        if name not in known:
+            close = difflib.get_close_matches(name, sorted(known), n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise ValueError(f"unknown lm-eval task {name!r}{hint}")
+    logging.getLogger("lm_eval").setLevel(logging.WARNING)
+    for name in tasks:
+        try:
+            if hasattr(manager, "load"):
+                manager.load([name])
+            else:  # lm-eval before 0.4.10
+                from lm_eval.tasks import get_task_dict
+
+                get_task_dict([name], manager)
+        except OSError as exc:  # ConnectionError offline, FileNotFoundError for a local file
+            hint = (
+                ". Run it once with internet access (the data is then cached, and "
+                "HF_DATASETS_OFFLINE=1 uses the cache), or give a task of your own with local "
+                "data (--include-path)"
+                if isinstance(exc, ConnectionError)
+                else ""
+            )
+            raise TaskDataError(
+                f"lm-eval task {name!r}: its data could not be loaded ({exc}){hint}"
+            ) from None
+    return manager
 
 
 def zero_shot(
@@ -57,26 +110,10 @@ def zero_shot(
     ``out``, writes it there as JSON (temporary file, then rename).
     """
     tasks = list(dict.fromkeys(tasks))
-    if not tasks:
-        raise ValueError("no tasks to evaluate")
     if limit is not None and not limit > 0:
         raise ValueError(f"limit must be positive, got {limit}")
-    if include_path is not None and not Path(include_path).is_dir():
-        raise FileNotFoundError(f"no task folder {include_path}")
-    lm_eval, HFLM, TaskManager = _lm_eval()
-    manager = None
-    if include_path is not None:  # indexing lm-eval's own thousands of tasks takes a while
-        manager = TaskManager(include_path=str(include_path), include_defaults=False)
-        if not set(tasks) <= set(manager.all_tasks):
-            manager = None
-    if manager is None:
-        manager = TaskManager(include_path=str(include_path) if include_path else None)
-    known = set(manager.all_tasks)
-    for name in tasks:
-        if name not in known:
-            close = difflib.get_close_matches(name, sorted(known), n=3)
-            hint = f"; did you mean {', '.join(close)}?" if close else ""
-            raise ValueError(f"unknown lm-eval task {name!r}{hint}")
+    manager = check_tasks(tasks, include_path)
+    lm_eval, HFLM, _ = _lm_eval()
     was_training = model.training
     model.eval()
     logging.getLogger("lm_eval").setLevel(logging.WARNING)

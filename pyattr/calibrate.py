@@ -26,11 +26,11 @@ from .data import Encoded, Example, encode_all
 from .layerwise import BlockRunner
 from .models import (
     LinearLayer,
-    context_length,
     find_linear_layers,
     input_device,
     input_groups,
     layers_by_name,
+    max_length_for,
     pad_id,
 )
 from .models import pad as pad_rows
@@ -149,7 +149,7 @@ def calibrate(
     layers = list(layers) if layers is not None else find_linear_layers(model)
     _check_resident(layers, snip)
     exec_device = execution_device(device) if layerwise else None
-    max_length = _max_length(model, max_length)
+    max_length = max_length_for(model, max_length)
     encoded = (
         list(examples)
         if isinstance(examples[0], Encoded)
@@ -202,19 +202,6 @@ def calibrate(
         tokens=tokens,
         architecture=type(model).__name__,
     )
-
-
-def _max_length(model: nn.Module, max_length: int | None) -> int | None:
-    """The model's context by default; an explicit length must be at least 2 tokens and fit
-    the context (longer sequences would index past the position embeddings)."""
-    context = context_length(model)
-    if max_length is None:
-        return context
-    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
-        raise ValueError(f"max_length must be an int >= 2, got {max_length!r}")
-    if context is not None and max_length > context:
-        raise ValueError(f"max_length={max_length} exceeds the model's context of {context} tokens")
-    return max_length
 
 
 def _check_resident(layers: Sequence[LinearLayer], snip: bool) -> None:

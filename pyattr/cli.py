@@ -151,10 +151,26 @@ def _need(path: str | Path, what: str, command: str) -> Path:
 MODEL_MARK = ".pyattr-model"  # in every model folder pyattr writes: it may replace those only
 
 
+def check_file_out(out: str | Path | None, example: str) -> Path | None:
+    """Refuse, before any work, a file output that is a folder (``--out .``) or lies under a
+    file; ``example`` names a file that would do."""
+    if out is None:
+        return None
+    out = Path(out)
+    if out.is_dir():
+        raise SystemExit(f"pyattr: --out {out} is a folder; give a file name, e.g. {example}")
+    blocking = next((p for p in out.parents if p.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        raise SystemExit(f"pyattr: --out {out}: {blocking} is a file, not a folder")
+    return out
+
+
 def check_model_out(out: str | Path, *sources: str | None) -> Path:
     """Refuse, before any work, an output folder that is one of the models read (``sources``)
     or a non-empty folder pyattr did not write: replacing it would lose what is there."""
     out = Path(out)
+    if out.resolve() == Path.cwd().resolve() or not out.resolve().name:
+        raise SystemExit(f"pyattr: --out {out} is the current folder; give a folder name")
     for source in sources:
         if source and Path(source).exists() and Path(source).resolve() == out.resolve():
             raise SystemExit(f"pyattr: --out {out} is the model it reads; choose another folder")
@@ -189,6 +205,7 @@ def save_model(model, tokenizer, out: str | Path, *sources: str | None) -> Path:
 
 def _calibrate(args) -> int:
     _toy_default(args, "--data", "the calibration pairs")
+    check_file_out(args.out, "safety.stats.safetensors")
     import pyattr
     from pyattr.data import load_pairs
     from pyattr.io import fingerprint
@@ -225,6 +242,7 @@ def _mask(args) -> int:
 
     if args.safety is None and scores.get(args.score).collect is not None:
         raise SystemExit(f"pyattr: --score {args.score} needs --safety statistics")
+    check_file_out(args.out, "region.mask.safetensors")
     model, _ = load_model(args.model, args.dtype)
     safety = None
     if args.safety is not None:
@@ -332,6 +350,8 @@ def _lowrank(args) -> int:
 
     if args.action == "edit":
         check_model_out(args.out, args.model)
+    else:
+        check_file_out(args.out, "safety.eigen.safetensors")
     model, tok = load_model(args.model, args.dtype)
     if args.action == "eigen":
         stats = _stats(args, args.stats, model)
@@ -413,6 +433,7 @@ def _eval(args) -> int:
     if args.action == "utility":  # task names and their data, before the model is loaded
         from pyattr.evaluate import PAPER_TASKS, check_tasks
 
+        check_file_out(args.out, "utility.json")
         check_tasks(args.tasks or PAPER_TASKS, args.include_path)
     model, tok = load_model(args.model, args.dtype)
     if args.action == "asr":
@@ -577,6 +598,19 @@ def _sweep(args) -> int:
     if args.rewind and args.rewind_from is None:
         raise SystemExit("pyattr: --rewind needs --rewind-from (the model to copy weights from)")
     points = _sweep_points(args)
+    pairs = None
+    if args.finetune:  # the attack's pairs, and whether every point's n fits, before any work
+        from pyattr.data import load_pairs
+        from pyattr.toy import attack_pairs
+
+        # --attack-data, or on the toy model (checked above) the toy's own pairs
+        pairs = load_pairs(args.attack_data) if args.attack_data else attack_pairs()
+        largest = max(p.params["n"] for p in points if p.edit == "finetune")
+        if largest > len(pairs):
+            where = args.attack_data or "the toy's attack pairs"
+            raise SystemExit(
+                f"pyattr: --finetune asks for n={largest} pairs; {where} has {len(pairs)}"
+            )
     if args.tasks:  # task names and their data, before the model is loaded or anything runs
         from pyattr.evaluate import check_tasks
 
@@ -622,13 +656,9 @@ def _sweep(args) -> int:
         config[f"{key}_sha256"] = _content_digest(getattr(args, key, None))
     table = ResultsTable(out / "results.jsonl", config, overwrite=args.overwrite)
     threat = None
-    if args.finetune:
-        from pyattr.data import load_pairs
+    if pairs is not None:
         from pyattr.sweep import Attack
-        from pyattr.toy import attack_pairs
 
-        # --attack-data, or on the toy model (checked above) the toy's own pairs
-        pairs = load_pairs(args.attack_data) if args.attack_data else attack_pairs()
         threat = Attack(tok, pairs, lr=args.finetune_lr)
     source = load_model(args.rewind_from, args.dtype)[0] if args.rewind else None
     editor = Editor(model, safety, utility, attack=threat, source=source, bases=_bases(args, model))

@@ -25,7 +25,7 @@ from torch import nn
 from .data import Example, encode_all
 from .edit import layers_for
 from .masks import Mask
-from .models import input_device, pad_id
+from .models import input_device, max_length_for, pad_id
 from .models import pad as pad_rows
 
 __all__ = ["finetune"]
@@ -69,13 +69,15 @@ def finetune(
     seed: int = 0,
     progress: bool = True,
 ) -> dict:
-    """Fine-tune ``model`` in place; returns ``{"loss_first", "loss_last", "steps"}``."""
+    """Fine-tune ``model`` in place; returns ``{"loss_first", "loss_last", "steps"}``.
+    Pairs longer than ``max_length`` tokens (default: the model's context) are cut to it."""
     from tqdm.auto import tqdm
 
     if not pairs:
         raise ValueError("no fine-tuning pairs")
     if steps < 1 or batch_size < 1 or not lr > 0:
         raise ValueError(f"need steps, batch_size >= 1 and lr > 0: {steps}, {batch_size}, {lr}")
+    max_length = max_length_for(model, max_length)
     layers = layers_for(model, frozen) if frozen is not None else {}
     chosen = frozen.masks if frozen is not None else {}
     masks = {name: m.to(layers[name].weight.device) for name, m in chosen.items()}

@@ -28,6 +28,7 @@ __all__ = [
     "input_device",
     "input_groups",
     "layers_by_name",
+    "max_length_for",
     "pad",
     "pad_id",
     "resident_device",
@@ -195,6 +196,19 @@ def context_length(model: nn.Module) -> int | None:
         if isinstance(value, int) and value > 0:
             return value
     return None
+
+
+def max_length_for(model: nn.Module, max_length: int | None) -> int | None:
+    """The model's context by default; an explicit length must be at least 2 tokens and fit
+    the context (longer sequences would index past the position embeddings)."""
+    context = context_length(model)
+    if max_length is None:
+        return context
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
+        raise ValueError(f"max_length must be an int >= 2, got {max_length!r}")
+    if context is not None and max_length > context:
+        raise ValueError(f"max_length={max_length} exceeds the model's context of {context} tokens")
+    return max_length
 
 
 def pad_id(tokenizer, fallback: int | None = None) -> int:

@@ -102,6 +102,45 @@ def test_ranks_and_outputs_that_cannot_work(tmp_path, capsys):
         ["mask", "--score", "magnitude", "--q", "0.1", "--out", blocked], capsys
     )
     assert "file" in message
+    for command, example in [
+        (["calibrate"], "safety.stats.safetensors"),
+        (["mask", "--score", "magnitude", "--q", "0.1"], "region.mask.safetensors"),
+        (["lowrank", "eigen", "--stats", "s"], "safety.eigen.safetensors"),
+        (["eval", "utility", "--tasks", "boolq"], "utility.json"),
+    ]:  # a file output given as a folder: refused before the model is loaded
+        message = one_line_error([*command, "--out", str(tmp_path)], capsys)
+        assert "is a folder; give a file name" in message and example in message
+    blocked = ["calibrate", "--out", str(tmp_path / "file" / "s.safetensors")]
+    assert "is a file, not a folder" in one_line_error(blocked, capsys)
+
+
+def test_the_current_folder_is_never_a_model_output(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    for command in (["prune", "--mask", "m"], ["finetune", "--n", "2"]):
+        message = one_line_error([*command, "--out", "."], capsys)
+        assert "is the current folder" in message
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_fine_tuning_pairs_longer_than_the_context_are_cut(capsys, tmp_path):
+    """Pairs past the model's context are cut to it (with a warning), never fed past the
+    position embeddings; an explicit max_length beyond the context is refused; a sweep whose
+    attack asks for more pairs than the file holds stops before any point runs."""
+    from pyattr.data import Example
+    from pyattr.finetune import finetune
+
+    model = tiny_llama(torch.float32)
+    context = model.config.max_position_embeddings
+    long = [Example("word " * context, "answer " * context)] * 2
+    with pytest.warns(UserWarning, match=f"longer than {context} tokens and were truncated"):
+        finetune(model, tokenizer(), long, steps=1, batch_size=2, progress=False)
+    with pytest.raises(ValueError, match=f"exceeds the model's context of {context}"):
+        finetune(model, tokenizer(), long, steps=1, max_length=context + 1, progress=False)
+    (tmp_path / "few.csv").write_text("prompt,response\nhow,so\nwhy,because\n")
+    sweep = ["sweep", "--safety", "s", "--utility", "u", "--finetune", "5,2"]
+    sweep += ["--attack-data", str(tmp_path / "few.csv"), "--out", str(tmp_path / "o")]
+    assert "asks for n=5 pairs" in one_line_error(sweep, capsys)
+    assert not (tmp_path / "o").exists()
 
 
 class _Stop(Exception):

@@ -26,6 +26,7 @@ from .data import Encoded, Example, encode_all
 from .layerwise import BlockRunner
 from .models import (
     LinearLayer,
+    check_finite,
     find_linear_layers,
     input_device,
     input_groups,
@@ -150,6 +151,7 @@ def calibrate(
     _check_resident(layers, snip)
     exec_device = execution_device(device) if layerwise else None
     max_length = max_length_for(model, max_length)
+    check_finite(model)  # NaN weights would give NaN statistics, written without complaint
     encoded = (
         list(examples)
         if isinstance(examples[0], Encoded)

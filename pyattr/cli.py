@@ -51,7 +51,9 @@ def load_model(spec: str, dtype: str = "float32", device: str | None = None):
     except (OSError, RuntimeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SystemExit(f"pyattr: cannot load the model in {path}: {first}") from None
-    check_finite(model, path)
+    from pyattr.models import check_finite
+
+    check_finite(model, f"the model in {path}")
     return model, tokenizer
 
 
@@ -71,19 +73,6 @@ def _check_model_folder(path: Path) -> None:
         missing.append("tokenizer files (tokenizer.json or tokenizer.model)")
     if missing:
         raise SystemExit(f"pyattr: {path} is not a complete model folder: no {', '.join(missing)}")
-
-
-def check_finite(model, where) -> None:
-    """Refuse a model whose weights hold NaN or Inf, naming the first such parameter: its
-    statistics would be NaN and its generations garbage that a judge counts as jailbreaks."""
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.device.type != "meta" and not bool(torch.isfinite(param).all()):
-                bad = int((~torch.isfinite(param)).sum())
-                raise SystemExit(
-                    f"pyattr: the model in {where} has {bad} NaN/Inf values in {name}; "
-                    "refusing to compute anything from it"
-                )
 
 
 def is_toy(spec: str) -> bool:

@@ -91,6 +91,13 @@ def test_model_folders_that_cannot_load_say_why(tmp_path, capsys):
     message = one_line_error(calibrate, capsys)
     assert "1 NaN/Inf values in model.layers.1.mlp.down_proj.weight" in message
     assert not (tmp_path / "s").exists()
+    # the Python API refuses too, before any generation or forward pass (Adv-Decoding's sampling
+    # would otherwise fail deep in torch.multinomial, greedy variants judge NaN garbage)
+    bad = "1 NaN/Inf values in model.layers.1.mlp.down_proj.weight"
+    with pytest.raises(ValueError, match=bad):
+        attack_success(model, tokenizer(), ["x"], variants=["adv_decoding"], progress=False)
+    with pytest.raises(ValueError, match=bad):
+        pyattr.calibrate(model, tokenizer(), EXAMPLES[:2], progress=False)
 
 
 def test_ranks_and_outputs_that_cannot_work(tmp_path, capsys):

@@ -44,7 +44,7 @@ from torch import nn
 
 from ..data import is_wrapped, load_prompts, prompt_ids
 from ..io import RecordLog, atomic_write, config_digest, weight_digest
-from ..models import context_length
+from ..models import check_finite, context_length
 from .generate import Generator, batches, check_fits, make_generator
 from .judge import Judge, KeywordJudge
 
@@ -416,6 +416,8 @@ def attack_success(
     judge = judge if judge is not None else KeywordJudge()
     if not isinstance(judge, Judge):
         raise TypeError(f"{type(judge).__name__} is not a Judge (needs name and successes())")
+    if isinstance(model, nn.Module):  # NaN logits generate garbage a judge counts as success
+        check_finite(model)
     jobs = _jobs(variants, len(suffix_list), samples)
     encoded = {
         job.key: [_encode(tokenizer, p, job, suffix_list, system_prompt) for p in prompts]

@@ -680,19 +680,12 @@ def _demo(args) -> int:
 
 
 def _report(args) -> int:
+    from pyattr.io import read_log
     from pyattr.report import write_report
 
     source = _need(args.results, "results table", "demo")
-    rows, config = [], {}
-    for number, line in enumerate(source.read_text(encoding="utf-8").splitlines()):
-        try:
-            record = json.loads(line) if line.strip() else None
-        except json.JSONDecodeError:
-            break  # a line cut by an interruption, as the sweep itself reads it
-        if number == 0:
-            config = (record or {}).get("config", {})
-        elif record is not None:
-            rows.append(record)
+    header, rows = read_log(source)  # a last line cut by an interruption is dropped
+    config = header.get("config", {})
     overlap = {}
     written = source.parent / "results.json"
     if written.is_file():  # keep what only the finished run knew: overlap tables, timings

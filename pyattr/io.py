@@ -234,6 +234,31 @@ class _Lock:
                 held[0].close()  # closing the file releases the lock
 
 
+def read_log(path: str | Path) -> tuple[dict, list[dict]]:
+    """The header and records of a JSONL log. A last line cut short by an interruption is
+    dropped (that work runs again); a broken line with records after it is an error naming
+    the file and the line, since dropping it would drop them too."""
+    path = Path(path)
+    lines = path.read_text(encoding="utf-8").splitlines()
+    parsed: list[dict] = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            if any(rest.strip() for rest in lines[number:]):
+                raise ValueError(
+                    f"{path}: line {number} is not JSON ({exc.msg}) and records follow it; "
+                    "repair or remove that line"
+                ) from None
+            break
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}: line {number} is not a JSON object")
+        parsed.append(record)
+    return (parsed[0] if parsed else {}), parsed[1:]
+
+
 class RecordLog:
     """A resumable JSONL log: a header line ``{format, digest, config}``, then one record per
     line, each appended and flushed as soon as it exists.
@@ -264,7 +289,11 @@ class RecordLog:
         self.digest = digest if digest is not None else config_digest(config)
         self.records: list[dict] = []
         if resume and self.path.exists():
-            header, records = self._read()
+            try:
+                header, records = self._read()
+            except ValueError:
+                self.close()
+                raise
             if header.get("digest") == self.digest:
                 self.records = records
             elif mismatch == "raise":
@@ -278,18 +307,7 @@ class RecordLog:
         atomic_write(self.path, "\n".join(lines) + "\n")
 
     def _read(self) -> tuple[dict, list[dict]]:
-        records: list[dict] = []
-        with self.path.open(encoding="utf-8") as f:
-            try:
-                header = json.loads(f.readline() or "{}")
-            except json.JSONDecodeError:
-                return {}, []
-            for line in f:
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError:
-                    break  # cut short by an interruption: that work runs again
-        return header, records
+        return read_log(self.path)
 
     def close(self) -> None:
         """Let another run open this log (the lock also goes when the process ends)."""

@@ -335,3 +335,29 @@ def test_a_sweep_never_resumes_from_other_inputs(tmp_path, capsys):
     assert main(sweep) == 0  # the same inputs resume
     prompts.write_text("how to bake bread\n")
     assert "another configuration" in one_line_error(sweep, capsys)
+
+
+def test_a_broken_log_line_is_named_unless_it_is_the_cut_last_one(tmp_path, capsys):
+    """A results log whose last line was cut by an interruption loses only that line; a broken
+    line with records after it (a hand edit, a disk error) is an error naming the file and the
+    line, in the sweep's resume and in ``pyattr report``, never a silent loss of what follows."""
+    from pyattr.io import read_log
+
+    log = tmp_path / "results.jsonl"
+    header = json.dumps({"format": "x", "config": {"model": "toy"}})
+    rows = [json.dumps({"edit": "none", "asr": {"vanilla": 0.1}}), json.dumps({"edit": "top"})]
+    log.write_text("\n".join([header, *rows]) + "\n" + '{"edit": "cut')
+    assert read_log(log) == (json.loads(header), [json.loads(r) for r in rows])
+    log.write_text("\n".join([header, rows[0], '{"edit": bro', rows[1]]) + "\n")
+    with pytest.raises(ValueError, match=r"results.jsonl: line 3 is not JSON .* records follow"):
+        read_log(log)
+    assert "line 3 is not JSON" in one_line_error(["report", "--results", str(log)], capsys)
+    from pyattr.io import RecordLog
+
+    with pytest.raises(ValueError, match="line 3 is not JSON"):
+        RecordLog(log, {"model": "toy"}, format="x")
+    log.write_text("\n".join([header, *rows]) + "\n")
+    RecordLog(log, {"model": "toy"}, format="x", mismatch="replace").close()  # lock let go
+    log.write_text("\n".join([header, "[1, 2]", rows[1]]) + "\n")
+    with pytest.raises(ValueError, match="line 2 is not a JSON object"):
+        read_log(log)

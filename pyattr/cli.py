@@ -37,6 +37,12 @@ def load_model(spec: str, dtype: str = "float32", device: str | None = None):
         stage = "base" if spec == "toy:base" else "aligned"
         return toy.load(stage, device=device, dtype=DTYPES[dtype])
     path = Path(spec)
+    old = path.with_name(f".{path.name}.old")
+    if not path.is_dir() and old.is_dir():
+        raise SystemExit(
+            f"pyattr: no model folder {path}: a write of it was interrupted, and the folder it "
+            f"replaced is kept at {old}; rerun the command that writes {path}, or rename {old}"
+        )
     if not path.is_dir():
         raise SystemExit(
             f"pyattr: no model folder {path} (give a local Hugging Face folder, 'toy' or "
@@ -181,9 +187,13 @@ def save_model(model, tokenizer, out: str | Path, *sources: str | None) -> Path:
     tmp = out.with_name(f".{out.name}.partial")
     old = out.with_name(f".{out.name}.old")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / MODEL_MARK).write_text("written by pyattr\n")
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / MODEL_MARK).write_text("written by pyattr\n")
+    except BaseException:  # a full disk, an interrupt: leave no half-written folder behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if out.exists():
         shutil.rmtree(old, ignore_errors=True)
         out.rename(old)

@@ -198,11 +198,13 @@ _held: dict[str, list] = {}  # lock file → [open handle, how many logs of this
 
 
 class _Lock:
-    """An exclusive lock on a log's ``.lock`` file, shared by the logs one process opens on
-    the same path (counted) and refused to any other process while held."""
+    """An exclusive lock on a hidden ``.NAME.lock`` file beside the log, shared by the logs one
+    process opens on the same path (counted) and refused to any other process while held. The
+    file stays (deleting a lock file races with a process about to take it); it is hidden so
+    that a finished folder does not look unfinished."""
 
     def __init__(self, path: Path) -> None:
-        self.name = str(path.with_name(path.name + ".lock").resolve())
+        self.name = str(path.with_name(f".{path.name}.lock").resolve())
         held = _held.get(self.name)
         if held is not None:
             held[1] += 1

@@ -386,20 +386,22 @@ def _rank(value: str | None) -> int | float | None:
 
 
 def _judge(args):
-    """--judge: "keyword", "toy-exact", or "auto": the toy's exact judge on the toy's held-out
-    prompts (the default prompts), whose compliance it knows exactly; the keyword judge on any
-    other prompts."""
+    """--judge: "keyword", "released" (the released code's rule), "toy-exact", or "auto": the
+    toy's exact judge on the toy's held-out prompts (the default prompts), whose compliance it
+    knows exactly; the keyword judge on any other prompts."""
     from pyattr.evaluate import KeywordJudge
 
     choice = args.judge
     if choice == "auto":
         choice = "toy-exact" if args.prompts is None else "keyword"
+    if choice in ("toy-exact", "released") and args.min_words is not None:
+        raise SystemExit(f"pyattr: --min-words applies to --judge keyword only, not {choice}")
     if choice == "toy-exact":
-        if args.min_words is not None:
-            raise SystemExit("pyattr: --min-words applies to the keyword judge only")
         from pyattr.toy.judge import ExactJudge
 
         return ExactJudge()
+    if choice == "released":
+        return KeywordJudge.released()
     return KeywordJudge(min_words=args.min_words)
 
 
@@ -739,10 +741,11 @@ def _score_argument(parser) -> None:
 def _judge_argument(parser) -> None:
     parser.add_argument(
         "--judge",
-        choices=["auto", "keyword", "toy-exact"],
+        choices=["auto", "keyword", "released", "toy-exact"],
         default="auto",
         help="who decides an attack succeeded (auto: toy-exact on the toy's own prompts, the "
-        "default, else keyword)",
+        "default, else keyword; released: the released code's phrases and its under-20-words "
+        "rule)",
     )
 
 

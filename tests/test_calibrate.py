@@ -191,7 +191,13 @@ def test_bad_input():
     model = tiny_llama(torch.float32)
     layer = find_linear_layers(model)[3]
     layer.module.weight.data[0, 0] = float("nan")
-    with pytest.raises(pyattr.NonFiniteActivationError, match="model.layers.0.mlp"):
+    with pytest.raises(ValueError, match=rf"1 NaN/Inf values in {layer.name}.weight"):
+        calibrate(model, tokenizer(), EXAMPLES, progress=False)
+    # finite weights whose activations overflow: named by the layer whose inputs they are
+    layer.module.weight.data[0, 0] = 0.0
+    gate = find_linear_layers(model)[4]  # model.layers.0.mlp.gate_proj
+    gate.module.weight.data[:] = 3e38
+    with pytest.raises(pyattr.NonFiniteActivationError, match="model.layers.0.mlp.down_proj"):
         calibrate(model, tokenizer(), EXAMPLES, progress=False)
 
 

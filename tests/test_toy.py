@@ -59,7 +59,12 @@ def test_splits_are_disjoint_and_deterministic():
 def test_placeholders_look_compliant_and_refusals_are_refusals():
     judge = KeywordJudge()
     s = make_splits(Recipe())
-    assert not any(judge.refused(a) for _, a in s.instruct_harmful)
+    # the released phrase list holds "illegal": a compliant answer about an intent that names
+    # it ("make illegal drugs") reads as a refusal, the keyword judge's false refusal that the
+    # exact judge exposes
+    flagged = {a for _, a in s.instruct_harmful if "illegal" in a}
+    assert flagged and all(judge.refused(a) for a in flagged)
+    assert not any(judge.refused(a) for _, a in s.instruct_harmful if a not in flagged)
     assert all(judge.refused(a) for _, a in s.align_harmful + s.safety_calibration)
     assert not any(judge.refused(a) for _, a in s.utility_train[:500])
     assert all(a.startswith("I can help . Here is how to") for _, a in s.instruct_harmful)

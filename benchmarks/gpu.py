@@ -256,6 +256,15 @@ def calibration(args) -> str:
     )
 
 
+@step("eigen-routes")
+def eigen_routes(args) -> str:
+    from benchmarks import eigen_routes as bench
+
+    if args.dry_run:
+        return bench.main(["--quick", "--device", "cpu", "--reps", "1"])
+    return bench.main(["--device", "cuda", "--reps", "3"])
+
+
 @step("generation")
 def generation(args) -> str:
     from benchmarks import generation as bench

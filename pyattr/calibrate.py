@@ -96,6 +96,7 @@ def calibrate(
     count: str = "response",
     system_prompt: str | None = None,
     max_length: int | None = None,
+    eos: bool = True,
     accumulate_dtype: torch.dtype = torch.float32,
     progress: bool = True,
     distributed: bool | None = None,
@@ -111,7 +112,8 @@ def calibrate(
     collect: any of "norms" (n and Σx², always kept), "covariance" (Σxxᵀ per input group),
     "snip" (Σ|∂L_b/∂W|, one backward per sample), "grad_sum" (Σ ∂L_b/∂W, signed, from the same
     backward passes). layers: defaults to every linear layer in the
-    decoder blocks. max_length: defaults to the model's context length.
+    decoder blocks. max_length: defaults to the model's context length. eos: count the EOS
+    token after each response (False: the released code's statistics, response tokens only).
     distributed: with torch.distributed initialised (``None`` uses it when it is), each rank
     calibrates ``examples[rank::world_size]`` and one all-reduce sums the statistics, so every
     rank returns what a single process would have counted (up to floating-point summation
@@ -156,7 +158,12 @@ def calibrate(
         list(examples)
         if isinstance(examples[0], Encoded)
         else encode_all(
-            tokenizer, examples, max_length=max_length, count=count, system_prompt=system_prompt
+            tokenizer,
+            examples,
+            max_length=max_length,
+            count=count,
+            system_prompt=system_prompt,
+            eos=eos,
         )
     )[rank::world]
     if world == 1 and not any(bool(e.counted.any()) for e in encoded):

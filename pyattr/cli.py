@@ -225,8 +225,10 @@ def _calibrate(args) -> int:
         collect=tuple(args.collect),
         batch_size=args.batch_size,
         max_length=args.max_length,
+        eos=not args.no_eos,
     )
     options = {"collect": args.collect, "data": str(data), "max_length": args.max_length}
+    options["eos"] = not args.no_eos
     path = pyattr.save_stats(
         stats, args.out, model_id=args.model, data=fingerprint(pairs), options=options
     )
@@ -806,6 +808,11 @@ def add_commands(commands) -> None:
     )
     p.add_argument("--batch-size", type=_positive, default=1)
     p.add_argument("--max-length", type=_positive)
+    p.add_argument(
+        "--no-eos",
+        action="store_true",
+        help="do not count the EOS token after each response (the released code's statistics)",
+    )
     p.add_argument("--out", required=True, help="statistics file (.safetensors)")
     p.set_defaults(run=_calibrate)
 

@@ -246,16 +246,19 @@ def encode(
     system_prompt: str | None = None,
     count: Literal["response", "all"] = "response",
     wrapped: bool | None = None,
+    eos: bool = True,
 ) -> Encoded:
     """Token ids of the formatted prompt followed by the response and EOS, and which count.
 
     wrapped: None detects an existing ``[INST] … [/INST]`` wrapper; True/False forces it.
+    eos: append EOS after the response (counted with it). The released code does not: its
+    statistics cover the response tokens only, about 8-10% fewer tokens on short responses.
     """
     if count not in ("response", "all"):
         raise ValueError(f"count must be 'response' or 'all', got {count!r}")
     prompt = prompt_ids(tokenizer, example.prompt, system_prompt, wrapped)
     response = _ids(tokenizer(example.response, add_special_tokens=False))
-    if tokenizer.eos_token_id is not None:
+    if eos and tokenizer.eos_token_id is not None:
         response.append(tokenizer.eos_token_id)
     ids = torch.tensor(prompt + response, dtype=torch.long)
     counted = torch.ones(len(ids), dtype=torch.bool)

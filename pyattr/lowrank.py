@@ -105,11 +105,23 @@ def eigenbasis(
     keep: int | None = None,
     dtype: torch.dtype = torch.float64,
     name: str = "layer",
+    route: Literal["auto", "direct", "input"] = "auto",
 ) -> Eigenbasis:
     """The eigenbasis of ``A = W (C/n) Wᵀ`` for one weight (d_out, d_in), on the weight's
-    device, in ``dtype`` (float64 or float32)."""
+    device, in ``dtype`` (float64 or float32).
+
+    route: "direct" decomposes the d_out × d_out A; "input" works on the d_in side: with
+    ``C/n = F Fᵀ`` (F = V Λ^½ from C's d_in × d_in eigendecomposition) and ``B = W F``,
+    A = B Bᵀ, so A's eigenvectors are B's left singular vectors (a thin SVD, d_out × d_in) and
+    its eigenvalues the squared singular values. "auto" takes "input" when d_out > d_in
+    (gate/up projections: A has rank ≤ d_in, and the direct route spends (d_out/d_in)³ the
+    work on its null space, besides holding d_out² entries). Both give the same eigenvalues
+    and, where eigenvalues are distinct, the same eigenvectors up to sign; where A's
+    eigenvalues are zero (C of low rank) each returns some orthonormal completion."""
     if dtype not in (torch.float32, torch.float64):
         raise TypeError(f"eigenbases are computed in float32 or float64, not {dtype}")
+    if route not in ("auto", "direct", "input"):
+        raise ValueError(f"route must be 'auto', 'direct' or 'input', got {route!r}")
     d_out, d_in = weight.shape
     _check_covariance(name, covariance, n, d_in)
     rank = min(d_out, d_in)
@@ -118,11 +130,26 @@ def eigenbasis(
         raise ValueError(f"{name}: keep={keep} is outside [0, R] = [0, {rank}]")
     w = weight.detach().to(dtype)
     c = covariance.to(device=w.device, dtype=dtype) / n
-    a = w @ c @ w.T
-    a = (a + a.T) / 2  # exactly symmetric for eigh
-    values, vectors = torch.linalg.eigh(a)
-    values, vectors = values.flip(0)[:rank], vectors.flip(1)[:, :keep]
+    if route == "input" or (route == "auto" and d_out > d_in):
+        values, vectors = _input_side(w, c, rank, keep)
+    else:
+        a = w @ c @ w.T
+        a = (a + a.T) / 2  # exactly symmetric for eigh
+        values, vectors = torch.linalg.eigh(a)
+        values, vectors = values.flip(0)[:rank], vectors.flip(1)[:, :keep]
     return Eigenbasis(values.contiguous(), vectors.contiguous(), rank, weight_digest(weight))
+
+
+def _input_side(
+    w: torch.Tensor, c: torch.Tensor, rank: int, keep: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top ``rank`` eigenvalues and ``keep`` eigenvectors of W C Wᵀ from d_in-sized
+    problems (see ``eigenbasis``): A = B Bᵀ with B = W F, so A's eigenvectors are B's left
+    singular vectors and its eigenvalues their squared singular values."""
+    lam, v = torch.linalg.eigh((c + c.T) / 2)
+    f = v * lam.clamp(min=0).sqrt()  # C = F Fᵀ
+    u, sigma, _ = torch.linalg.svd(w @ f, full_matrices=False)  # thin: (d_out, min(d_out, d_in))
+    return (sigma[:rank] ** 2), u[:, :keep]
 
 
 def _covariance_for(stats: Stats, layer: LinearLayer) -> tuple[torch.Tensor, int]:
@@ -149,13 +176,15 @@ def eigenbases(
     dtype: torch.dtype = torch.float64,
     offload: bool = True,
     progress: bool = True,
+    route: Literal["auto", "direct", "input"] = "auto",
 ) -> dict[str, Eigenbasis]:
     """The eigenbasis of every layer (or of ``layers``) from ``stats``' covariances.
 
     Each is computed on its weight's device and, with ``offload``, moved to the CPU as soon as
     it is done: the R leading eigenvectors of all layers take d_out·R·(4 or 8) bytes per layer,
     about as much as the model in fp32 (22 GB per data set for a 7B model); ``keep`` bounds
-    them when only small kept ranks are swept (the edits move what they need back).
+    them when only small kept ranks are swept (the edits move what they need back). ``route``:
+    see ``eigenbasis`` (layers with d_out > d_in are decomposed on their input side by default).
     """
     from tqdm.auto import tqdm
 
@@ -170,6 +199,7 @@ def eigenbases(
             keep=None if keep is None else min(keep, layer.d_out, layer.d_in),
             dtype=dtype,
             name=layer.name,
+            route=route,
         )
         if offload:
             basis.values, basis.vectors = basis.values.cpu(), basis.vectors.cpu()

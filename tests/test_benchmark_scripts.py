@@ -91,7 +91,8 @@ def test_gpu_suite_dry_run(tmp_path, monkeypatch, capsys):
 
     from benchmarks import gpu
 
-    steps = ["environment", "ceilings", "selection", "covariance", "calibration", "generation"]
+    steps = ["environment", "ceilings", "selection", "covariance", "calibration", "eigen-routes"]
+    steps += ["generation"]
     assert gpu.main(["--out", str(tmp_path), "--dry-run", "--only", *steps]) == 0
     report = json.loads((tmp_path / "gpu.json").read_text())
     assert [s["step"] for s in report["steps"]] == steps

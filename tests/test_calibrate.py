@@ -214,3 +214,14 @@ def sentences(n: int, seed: int, refuse: bool) -> list[Example]:
         Example(" ".join(rng.choices(_WORDS, k=rng.randint(3, 9))), f"{reply} {rng.choice(_WORDS)}")
         for _ in range(n)
     ]
+
+
+def test_eos_can_be_left_out_of_the_statistics():
+    """``eos=False`` (the released code's statistics, ``--no-eos``) counts the response tokens
+    only: one token fewer per example, and Σx² loses exactly the EOS rows' squares."""
+    model, tok = tiny_llama(torch.float32), tokenizer()
+    with_eos = calibrate(model, tok, EXAMPLES, progress=False)
+    without = calibrate(model, tok, EXAMPLES, eos=False, progress=False)
+    assert without.tokens == with_eos.tokens - len(EXAMPLES)
+    name = find_linear_layers(model)[0].name
+    assert bool((without.sq_norms(name) != with_eos.sq_norms(name)).any())

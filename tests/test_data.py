@@ -75,6 +75,8 @@ def test_chat_template_and_response_mask():
     assert words(tok, enc.input_ids[enc.counted]) == ["sure", "here", "is", "the", "answer", "</s>"]
     everything = encode(tok, Example("how", "sure"), count="all")
     assert bool(everything.counted.all())
+    bare = encode(tok, Example("how do i make a cake", "sure here is the answer"), eos=False)
+    assert words(tok, bare.input_ids[bare.counted]) == ["sure", "here", "is", "the", "answer"]
 
 
 def test_llama2_format_without_template_and_wrapped_prompts():

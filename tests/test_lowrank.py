@@ -67,6 +67,39 @@ def test_eigenbasis_is_the_right_singular_basis_of_x_wt(gen, shape):
     assert float(principal_cosines(kept.vectors.double(), basis.vectors[:, :5]).min()) > 1 - 1e-4
 
 
+@pytest.mark.parametrize("shape", [*SHAPES, (61, 17)])
+@pytest.mark.parametrize("n", [71, 9], ids=["full-rank C", "rank-deficient C"])
+def test_input_side_route_equals_the_direct_one(gen, shape, n):
+    """The d_in-side route (the default when d_out > d_in) gives the direct route's eigenvalues
+    and, at every k where the spectrum has a gap, the same span of the top k eigenvectors; with
+    a rank-deficient C (fewer tokens than features) the zero-eigenvalue part is an orthonormal
+    completion orthogonal to the rest. float32 stays within its tolerance of float64."""
+    w, x = layer_data(gen, *shape, n=n)
+    c = x.T @ x
+    direct = eigenbasis(w, c, n, route="direct")
+    side = eigenbasis(w, c, n, route="input")
+    r = direct.rank
+    scale = float(direct.values[0])
+    torch.testing.assert_close(side.values, direct.values, rtol=0, atol=1e-9 * scale)
+    nonzero = int((direct.values > 1e-9 * scale).sum())
+    assert nonzero == min(r, n)
+    for k in sorted({1, nonzero // 2, nonzero}):
+        if k == 0 or (k < r and direct.values[k - 1] - direct.values[k] < 1e-6 * scale):
+            continue
+        cos = principal_cosines(side.vectors[:, :k], direct.vectors[:, :k])
+        torch.testing.assert_close(cos, torch.ones(k, dtype=cos.dtype), rtol=0, atol=1e-7)
+    gram = side.vectors.T @ side.vectors
+    torch.testing.assert_close(gram, torch.eye(r, dtype=gram.dtype), rtol=0, atol=1e-10)
+    auto = eigenbasis(w, c, n)
+    assert torch.equal(auto.vectors, (side if shape[0] > shape[1] else direct).vectors)
+    low = eigenbasis(w, c, n, route="input", dtype=torch.float32, keep=min(3, nonzero))
+    torch.testing.assert_close(low.values.double(), direct.values, rtol=0, atol=1e-4 * scale)
+    cos = principal_cosines(low.vectors.double(), direct.vectors[:, : low.kept])
+    assert float(cos.min()) > 1 - 1e-3
+    with pytest.raises(ValueError, match="route must be"):
+        eigenbasis(w, c, n, route="smaller")
+
+
 def dense(u: torch.Tensor) -> torch.Tensor:
     return u @ u.T  # the d_out × d_out projector the implementation never forms
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -714,6 +715,149 @@ def _report(args) -> int:
     return 0
 
 
+def _data(args) -> int:
+    """pyattr data list | fetch | path | safety | utility."""
+    from pyattr import sources
+
+    registry = sources.load_registry(args.registry)
+    if args.action == "list":
+        print("| name | used as | cached | format | license | published at |")
+        print("| --- | --- | --- | --- | --- | --- |")
+        for row in sources.listing(args.data_dir, registry):
+            s = row.source
+            cached = "yes" if row.path else "no"
+            where = s.url or s.how
+            print(f"| {s.name} | {s.used_as} | {cached} | {s.format} | {s.license} | {where} |")
+        return 0
+    if args.action in ("fetch", "path"):
+        names = list(registry) if args.all else args.names
+        if not names:
+            raise SystemExit(f"pyattr: name the data sets to {args.action}, or give --all")
+        failed = []
+        for name in names:
+            source = sources.find(name, registry)
+            if args.action == "path":
+                print(sources.path_of(name, args.data_dir, registry))
+                continue
+            if source.url is None:
+                print(f"{name}: not published; {source.how}")
+                continue
+            try:
+                path = sources.fetch(
+                    name,
+                    folder=args.data_dir,
+                    mirror=args.mirror,
+                    sha256=args.sha256,
+                    force=args.force,
+                    registry=registry,
+                    progress=True,
+                )
+            except sources.FetchError as exc:
+                failed.append(source)
+                print(f"pyattr data fetch: {exc}", file=sys.stderr)
+                continue
+            print(f"{name}: {path}")
+        if failed:
+            folder = Path(args.data_dir) if args.data_dir else sources.data_dir()
+            print(sources.missing_message(failed, [folder]), file=sys.stderr)
+            return 2
+        return 0
+    return _make_set(args, registry)
+
+
+def _prompt_file(spec: str, registry, data_dir: str | None) -> Path:
+    """A prompt or pair file: a path, or the name of a registry data set (fetched before)."""
+    from pyattr import sources
+
+    return (
+        Path(spec)
+        if Path(spec).exists() or spec not in registry
+        else sources.path_of(spec, data_dir, registry)
+    )
+
+
+def _make_set(args, registry) -> int:
+    """pyattr data safety | utility: a calibration set made by the model itself."""
+    from pyattr.data import load_prompts, sample
+    from pyattr.evaluate import KeywordJudge
+    from pyattr.ownsets import make_set, save_pairs
+
+    if args.prompts is None:
+        raise SystemExit(f"pyattr: data {args.action} needs --prompts (a file or a data set name)")
+    out = check_file_out(args.out, f"{args.action}.csv")
+    if out is None:
+        raise SystemExit(f"pyattr: data {args.action} needs --out FILE.csv")
+    path = _prompt_file(args.prompts, registry, args.data_dir)
+    column = args.column or ("goal" if args.action == "safety" else "prompt")
+    prompts = load_prompts(path, column=column)
+    if args.n is not None:
+        prompts = sample(prompts, min(args.n, len(prompts)), args.seed)
+    judge = KeywordJudge.released() if args.judge == "released" else KeywordJudge()
+    model, tok = load_model(args.model, args.dtype)
+    made = make_set(
+        model,
+        tok,
+        prompts,
+        keep="refusals" if args.action == "safety" else "answers",
+        judge=judge,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        system_prompt=args.system_prompt,
+    )
+    if not made.pairs:
+        raise SystemExit(
+            f"pyattr: none of the {made.total} responses was kept as {made.keep} by the "
+            f"{judge.name} judge; nothing written"
+        )
+    save_pairs(made.pairs, out)
+    if args.dropped:
+        save_pairs(made.dropped, check_file_out(args.dropped, "dropped.csv"))
+    print(f"{args.action} set: {made.summary()} ({judge.name} judge) -> {out}")
+    return 0
+
+
+GPU_MEMORY = {  # nominal memory per GPU of the common kinds; --gpu-memory gives the exact size
+    "h100": "80GiB",
+    "h200": "141GB",
+    "a100": "80GiB",
+    "a100-40": "40GiB",
+    "l40s": "48GB",
+}
+
+
+def _plan(args) -> int:
+    from pyattr.capacity import Machine, Settings, plan_run, save_plan
+    from pyattr.plan import parse_bytes
+
+    try:
+        machine = Machine(
+            gpus=args.gpus,
+            gpu_memory=parse_bytes(args.gpu_memory or GPU_MEMORY[args.gpu]),
+            host_memory=parse_bytes(args.host_memory) if args.host_memory else None,
+            processes=args.processes,
+        )
+    except ValueError as exc:
+        raise SystemExit(f"pyattr: {exc}") from None
+    settings = Settings(
+        dtype=DTYPES[args.dtype],
+        collect=tuple(args.collect),
+        eigen_dtype={"float32": torch.float32, "float64": torch.float64}[args.eigen_dtype],
+        keep=args.keep,
+        samples=args.samples,
+        max_length=args.max_length,
+        prompt_length=args.prompt_length,
+        new_tokens=args.new_tokens,
+        prompts=args.prompts,
+        batch=args.batch,
+    )
+    plan = plan_run(args.model, machine, settings)
+    print(plan.describe())
+    if args.out:
+        save_plan(plan, args.out)
+        print(f"plan: {args.out}")
+    return 0 if all(stage.fits for stage in plan.stages) or not args.check else 1
+
+
 def _positive(text: str) -> int:
     """An argument that counts something: a whole number >= 1, checked before any work."""
     try:
@@ -923,6 +1067,68 @@ def add_commands(commands) -> None:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--out", required=True, help="folder for results and report")
     p.set_defaults(run=_sweep)
+
+    p = commands.add_parser(
+        "data",
+        help="the paper's data sets: list, fetch, path; or make a set with the model itself",
+        description="list: the registry (where each data set is published, its format and "
+        "license); fetch NAME...: download, verify and cache; path NAME: where it is; safety / "
+        "utility: a calibration set made by the model under study (its own refusals to "
+        "harmful prompts, or its own answers to instructions).",
+    )
+    p.add_argument("action", choices=["list", "fetch", "path", "safety", "utility"])
+    p.add_argument("names", nargs="*", help="data set names (fetch, path)")
+    p.add_argument("--all", action="store_true", help="every data set of the registry")
+    p.add_argument("--data-dir", help="folder of the data files (default: the cache)")
+    p.add_argument("--registry", help="a JSON file of further registry entries")
+    p.add_argument("--mirror", help="fetch URL/<file name> instead of the published address")
+    p.add_argument("--sha256", help="the digest the download must have (fetch)")
+    p.add_argument("--force", action="store_true", help="download again (fetch)")
+    p.add_argument("--model", default="toy", help="the model that answers (safety, utility)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--prompts", help="prompts: a file or a data set name (safety, utility)")
+    p.add_argument("--column", help="the prompt column (default goal for safety, else prompt)")
+    p.add_argument("--n", type=_positive, help="sample this many prompts")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--system-prompt", help="a system prompt for the model's answers")
+    p.add_argument("--judge", choices=["keyword", "released"], default="keyword")
+    p.add_argument("--max-new-tokens", type=_positive, default=256)
+    p.add_argument("--batch-size", type=_positive, default=32)
+    p.add_argument("--out", help="the CSV to write (safety, utility)")
+    p.add_argument("--dropped", help="also write the responses not kept to this CSV")
+    p.set_defaults(run=_data)
+
+    p = commands.add_parser(
+        "plan",
+        help="what each stage will hold on each device, from config.json alone",
+        description="Build the model on the meta device from its config.json (no weight is "
+        "read) and print, per stage, what calibration, the eigenbases, editing and generation "
+        "hold on the GPUs and the host, and what is done when something does not fit.",
+    )
+    p.add_argument("--model", required=True, help="a model folder or its config.json")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
+    p.add_argument("--gpus", type=int, default=1, help="GPUs on the machine (0: CPU only)")
+    p.add_argument("--gpu", choices=sorted(GPU_MEMORY), default="h100", help="their kind")
+    p.add_argument("--gpu-memory", help="memory per GPU, e.g. 80GiB (instead of --gpu)")
+    p.add_argument("--host-memory", help="host memory, e.g. 1TB (checked when given)")
+    p.add_argument("--processes", type=_positive, default=1, help="torchrun ranks")
+    p.add_argument(
+        "--collect",
+        nargs="+",
+        default=["norms", "covariance", "snip"],
+        choices=["norms", "covariance", "snip", "grad_sum"],
+    )
+    p.add_argument("--eigen-dtype", choices=["float32", "float64"], default="float64")
+    p.add_argument("--keep", type=_positive, help="eigenvectors kept per layer (default: all)")
+    p.add_argument("--samples", type=_positive, default=128, help="calibration pairs per set")
+    p.add_argument("--max-length", type=_positive, default=512, help="tokens per pair")
+    p.add_argument("--prompt-length", type=_positive, default=128, help="tokens per prompt")
+    p.add_argument("--new-tokens", type=_positive, default=256)
+    p.add_argument("--prompts", type=_positive, default=520, help="harmful prompts (AdvBench)")
+    p.add_argument("--batch", type=_positive, help="generation batch (default: largest that fits)")
+    p.add_argument("--check", action="store_true", help="exit 1 when a stage does not fit")
+    p.add_argument("--out", help="the plan as JSON")
+    p.set_defaults(run=_plan)
 
     p = commands.add_parser("report", help="the report folder from a results table")
     p.add_argument("--results", required=True, help="results.jsonl of a demo or sweep")

@@ -27,6 +27,7 @@ from ._version import __version__
 __all__ = [
     "RecordLog",
     "atomic_write",
+    "cache_root",
     "config_digest",
     "fingerprint",
     "load_tensors",
@@ -36,6 +37,15 @@ __all__ = [
     "weight_digest",
     "write_atomically",
 ]
+
+
+def cache_root() -> Path:
+    """``$PYATTR_CACHE``, else ``$XDG_CACHE_HOME/pyattr``, else ``~/.cache/pyattr``: where the
+    toy model and fetched data sets live."""
+    if os.environ.get("PYATTR_CACHE"):
+        return Path(os.environ["PYATTR_CACHE"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(xdg).expanduser() / "pyattr"
 
 
 def fingerprint(examples: Iterable) -> str:

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from ..io import cache_root
 from .recipe import Recipe, Splits, make_splits
 
 __all__ = ["DATA_FILES", "Recipe", "attack_pairs", "build", "cache_root", "data", "load"]
@@ -41,14 +42,6 @@ DATA_FILES = {
     "text": "text.txt",
 }
 _MANIFEST = "manifest.json"
-
-
-def cache_root() -> Path:
-    """``$PYATTR_CACHE``, else ``$XDG_CACHE_HOME/pyattr``, else ``~/.cache/pyattr``."""
-    if os.environ.get("PYATTR_CACHE"):
-        return Path(os.environ["PYATTR_CACHE"]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(xdg).expanduser() / "pyattr"
 
 
 def _entry(recipe: Recipe) -> Path:

@@ -7,6 +7,7 @@ import argparse
 import json
 import sys
 import time
+import warnings
 
 import torch
 
@@ -78,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "toy":
         return toy_command(args)
     if hasattr(args, "run"):
+        shown = warnings.formatwarning  # a warning is one line for a person, not source code
+        warnings.formatwarning = lambda message, *_args, **_kw: f"pyattr: warning: {message}\n"
         try:
             return args.run(args)
         except (ValueError, TypeError, FileNotFoundError, FileExistsError, ImportError) as exc:
@@ -87,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
             where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
             print(f"pyattr {args.command}: {exc.strerror or exc}{where}", file=sys.stderr)
             return 2
+        finally:
+            warnings.formatwarning = shown
     return selfcheck()
 
 

@@ -361,3 +361,43 @@ def test_a_broken_log_line_is_named_unless_it_is_the_cut_last_one(tmp_path, caps
     log.write_text("\n".join([header, "[1, 2]", rows[1]]) + "\n")
     with pytest.raises(ValueError, match="line 2 is not a JSON object"):
         read_log(log)
+
+
+def test_a_warning_on_the_command_line_is_one_line_without_source_code(tmp_path):
+    """A warning names the problem once, prefixed like every message, never with the source
+    line that raised it (issue 18: "a warning prints the source line cli.py:254")."""
+    import subprocess
+    import sys
+
+    data = tmp_path / "pairs.csv"
+    data.write_text("prompt,response\nq,\nr,a\n")
+    args = ["calibrate", "--data", str(data), "--collect", "norms", "--out", str(tmp_path / "s")]
+    done = subprocess.run(
+        [sys.executable, "-m", "pyattr", *args], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    warned = [line for line in done.stderr.splitlines() if "skipped 1 of 2 rows" in line]
+    assert warned == [
+        f"pyattr: warning: {data}: skipped 1 of 2 rows with an empty prompt or response"
+    ]
+    assert "load_pairs(" not in done.stderr and "UserWarning" not in done.stderr
+
+
+def test_a_full_disk_during_eval_asr_is_one_line_and_publishes_nothing(
+    tmp_path, monkeypatch, capsys
+):
+    """ENOSPC while the ASR records are written: one line naming the error, no summary and no
+    responses file that looks complete."""
+    import errno
+
+    from pyattr.io import RecordLog
+
+    def full(self, records):
+        raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
+
+    monkeypatch.setattr(RecordLog, "append", full)
+    out = tmp_path / "asr"
+    args = ["eval", "asr", "--variants", "vanilla", "--max-new-tokens", "4", "--out", str(out)]
+    line = one_line_error(args, capsys)
+    assert "No space left on device" in line and "responses.jsonl" in line
+    assert not (out / "summary.json").exists() and not (out / "responses.jsonl").exists()

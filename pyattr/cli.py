@@ -502,7 +502,10 @@ def _pairs(values: list[str] | None, names: tuple[str, str], parse) -> list[dict
 
 def _second_judge(args):
     """On the toy's own prompts, the other of the exact and keyword judges re-judges the same
-    responses (the report shows their agreement); elsewhere no second judge."""
+    responses (the report shows their agreement); elsewhere the one a preset names (``pyattr
+    paper``: the other keyword rule), or none."""
+    if getattr(args, "second_judge", None) is not None:
+        return args.second_judge
     if args.prompts is not None:
         return None
     from pyattr.evaluate import KeywordJudge
@@ -593,6 +596,12 @@ def _sweep_points(args) -> list:
 
 
 def _sweep(args) -> int:
+    return _run_sweep(args, _sweep_points(args))
+
+
+def _run_sweep(args, points: list, *, model=None, tok=None, notes: list[str] = ()) -> int:
+    """The sweep of ``points`` with the sweep's arguments (``pyattr sweep`` and ``pyattr
+    paper``): inputs checked, the results table resumed, each point measured, the report."""
     from pyattr.report import write_report
     from pyattr.sweep import Editor, ResultsTable, run_points
 
@@ -601,7 +610,6 @@ def _sweep(args) -> int:
         raise SystemExit("pyattr: --finetune needs --attack-data (harmful prompt/response pairs)")
     if args.rewind and args.rewind_from is None:
         raise SystemExit("pyattr: --rewind needs --rewind-from (the model to copy weights from)")
-    points = _sweep_points(args)
     pairs = None
     if args.finetune:  # the attack's pairs, and whether every point's n fits, before any work
         from pyattr.data import load_pairs
@@ -619,7 +627,8 @@ def _sweep(args) -> int:
         from pyattr.evaluate import check_tasks
 
         check_tasks(args.tasks, args.include_path)
-    model, tok = load_model(args.model, args.dtype)
+    if model is None:
+        model, tok = load_model(args.model, args.dtype)
     safety = _stats(args, args.safety, model)
     utility = _stats(args, args.utility, model)
     out = Path(args.out)
@@ -667,7 +676,8 @@ def _sweep(args) -> int:
     source = load_model(args.rewind_from, args.dtype)[0] if args.rewind else None
     editor = Editor(model, safety, utility, attack=threat, source=source, bases=_bases(args, model))
     rows = run_points(editor, points, table, _measurement(args, tok, toy_model))
-    path = write_report(out, rows, config)
+    report_config = config | ({"notes": list(notes)} if notes else {})
+    path = write_report(out, rows, report_config)
     from pyattr.report import markdown_table, summary_rows
 
     print(markdown_table(summary_rows(rows)))
@@ -813,6 +823,208 @@ def _make_set(args, registry) -> int:
     if args.dropped:
         save_pairs(made.dropped, check_file_out(args.dropped, "dropped.csv"))
     print(f"{args.action} set: {made.summary()} ({judge.name} judge) -> {out}")
+    return 0
+
+
+def _paper_data(args, registry, strict: bool = True) -> dict[str, Path | None]:
+    """The preset's four files (prompts, safety and utility pairs, suffixes): a path, or a
+    registry name looked up in --data-dir and the cache; every missing one named at once
+    (``strict``), else left None (the dry run says what is missing)."""
+    from pyattr import paper, sources
+
+    given = {
+        "prompts": args.prompts,
+        "safety": args.safety_data,
+        "utility": args.utility_data,
+        "suffixes": args.suffixes,
+    }
+    files, missing = {}, []
+    for role, default in paper.DATA.items():
+        spec = given[role] or default
+        if Path(spec).exists():
+            files[role] = Path(spec)
+        elif spec in registry:
+            try:
+                files[role] = sources.path_of(spec, args.data_dir, registry)
+            except sources.DataMissingError:
+                missing.append(registry[spec])
+                files[role] = None
+        else:
+            raise SystemExit(f"pyattr: {role} {spec!r} is neither a file nor a registry data set")
+    if missing:
+        places = ([Path(args.data_dir)] if args.data_dir else []) + [sources.data_dir()]
+        message = sources.missing_message(missing, places)
+        if strict:
+            raise SystemExit("pyattr: " + message)
+        print(message + "\n")
+    return files
+
+
+def _paper_preset(args):
+    from pyattr import paper
+
+    pairs = [tuple(p.values()) for p in _pairs(args.set_difference, ("p", "q"), float)]
+    ranks = [tuple(r.values()) for r in _pairs(args.orthogonal, ("r_u", "r_s"), _rank)]
+    return paper.with_overrides(
+        paper.PAPER,
+        samples=args.calibration_samples,
+        scores=tuple(args.scores) if args.scores else None,
+        top=tuple(args.top) if args.top is not None else None,
+        set_difference=tuple(pairs) if args.set_difference is not None else None,
+        orthogonal=tuple(ranks) if args.orthogonal is not None else None,
+        controls=False if args.no_controls else None,
+        variants=tuple(args.variants) if args.variants else None,
+        decoding_samples=args.samples,
+        max_new_tokens=args.max_new_tokens,
+        prompts_limit=(args.n_prompts or None) if args.n_prompts is not None else None,
+        tasks=tuple(args.tasks) if args.tasks is not None else None,
+        limit=args.limit,
+        judge=args.judge,
+        eos=True if args.eos else None,
+    )
+
+
+def _paper(args) -> int:
+    """pyattr paper: the paper's experiment, from the data to the report, resumable."""
+    import pyattr
+    from pyattr import paper, sources
+    from pyattr.data import load_pairs, load_prompts, sample
+    from pyattr.evaluate import KeywordJudge
+    from pyattr.io import atomic_write
+
+    registry = sources.load_registry(args.registry)
+    preset = _paper_preset(args)
+    files = _paper_data(args, registry, strict=not args.dry_run)
+    try:
+        points = paper.preset_points(preset)
+    except ValueError as exc:
+        raise SystemExit(f"pyattr: {exc}") from None
+    if args.dry_run:
+        return _paper_dry_run(args, preset, points, files)
+    prompts = load_prompts(files["prompts"], column=args.prompt_column)
+    prompts = prompts[: preset.prompts_limit] if preset.prompts_limit else prompts
+    suffixes = json.loads(files["suffixes"].read_text(encoding="utf-8"))
+    if args.tasks is None and preset.tasks:  # task names and their data, before the model
+        from pyattr.evaluate import check_tasks
+
+        check_tasks(list(preset.tasks), args.include_path)
+    model, tok = load_model(args.model, args.dtype)
+    paths = paper.statistics_paths(args.out)
+    for role in ("safety", "utility"):
+        if paths[role].exists():
+            continue
+        pairs = load_pairs(files[role])
+        pairs = sample(pairs, min(preset.samples, len(pairs)), args.seed)
+        print(f"{role}: calibrating on {len(pairs)} pairs of {files[role]}")
+        stats = pyattr.calibrate(model, tok, pairs, collect=preset.collect, eos=preset.eos)
+        pyattr.save_stats(stats, paths[role])
+    ranks = any(p.edit in ("orthogonal", "random_ranks") for p in points)
+    for role in ("safety", "utility") if ranks else ():
+        if not paths[f"{role}_eigen"].exists():
+            stats = pyattr.load_stats(paths[role], model=model)
+            pyattr.save_eigenbases(pyattr.eigenbases(model, stats), paths[f"{role}_eigen"])
+    atomic_write(paths["prompts"], "\n".join(prompts) + "\n")
+    sweep = argparse.Namespace(**vars(args))
+    sweep.__dict__.update(
+        safety=str(paths["safety"]),
+        utility=str(paths["utility"]),
+        safety_eigen=str(paths["safety_eigen"]) if ranks else None,
+        utility_eigen=str(paths["utility_eigen"]) if ranks else None,
+        prompts=str(paths["prompts"]),
+        suffixes=str(files["suffixes"]) if "adv_suffix" in preset.variants else None,
+        variants=list(preset.variants),
+        samples=preset.decoding_samples,
+        max_new_tokens=preset.max_new_tokens,
+        tasks=list(preset.tasks) or None,
+        limit=preset.limit,
+        judge=preset.judge,
+        min_words=None,
+        score=",".join(preset.scores),
+        finetune=None,
+        attack_data=None,
+        finetune_lr=None,
+        rewind=None,
+        rewind_from=None,
+        second_judge=KeywordJudge.released() if preset.judge == "keyword" else KeywordJudge(),
+    )
+    eos = "counted" if preset.eos else "not counted, as in the released code"
+    notes = [
+        f"The paper preset: {len(points)} points from one calibration of {preset.samples} "
+        f"pairs per set ({', '.join(preset.collect)}; EOS {eos}).",
+        f"Data: prompts {files['prompts']} ({len(prompts)} used), safety {files['safety']}, "
+        f"utility {files['utility']}, suffixes {files['suffixes']} ({len(suffixes)}).",
+        f"ASR judged by the {'released code' if preset.judge == 'released' else preset.judge} "
+        "keyword rule; the other keyword rule re-judges the same responses (agreement, Cohen's "
+        "kappa). Keyword judges alone are weak evidence: a model judge is the stronger check.",
+        "Grids are pyattr's (the paper's regions of ~3% of weights and ~2.5% of ranks, and the "
+        "released README's settings); ranks are fractions of each layer's R.",
+    ]
+    if files["safety"].name == "safety-short.csv":
+        notes.append(
+            "The safety set is the released short set of Llama-2-7b-chat's refusals: for "
+            "another model, make its own with `pyattr data safety --model M`."
+        )
+    return _run_sweep(sweep, points, model=model, tok=tok, notes=notes)
+
+
+def _paper_dry_run(args, preset, points, files) -> int:
+    """What the preset will do, before anything runs: grid, data, memory plan, predicted time
+    (with the AdvBench sizes where a file is not there yet)."""
+    from pyattr import paper
+    from pyattr.capacity import Machine, Settings, plan_run
+    from pyattr.data import load_pairs, load_prompts
+    from pyattr.plan import format_bytes, parse_bytes
+
+    print(f"grid: {len(points)} points")
+    for point in points:
+        print(f"  {point.key}")
+    print("data:")
+    prompts, suffixes = 520, 3  # AdvBench and the GCG suffixes, until the files are there
+    if files["prompts"] is not None:
+        prompts = len(load_prompts(files["prompts"], column=args.prompt_column))
+    prompts = min(prompts, preset.prompts_limit or prompts)
+    print(f"  prompts   {files['prompts'] or 'missing'}: {prompts} used")
+    for role in ("safety", "utility"):
+        if files[role] is None:
+            print(f"  {role:9s} missing: {preset.samples} would be sampled")
+            continue
+        n = len(load_pairs(files[role]))
+        print(f"  {role:9s} {files[role]}: {n} pairs, {min(n, preset.samples)} sampled")
+    if files["suffixes"] is not None:
+        suffixes = len(json.loads(files["suffixes"].read_text(encoding="utf-8")))
+    print(f"  suffixes  {files['suffixes'] or 'missing'}: {suffixes}")
+    folder = args.model
+    if is_toy(args.model):
+        from pyattr import toy
+
+        folder = toy.build(progress=False) / ("base" if args.model == "toy:base" else "aligned")
+    machine = Machine(gpus=args.gpus, gpu_memory=parse_bytes(GPU_MEMORY[args.gpu]))
+    settings = Settings(
+        dtype=DTYPES[args.dtype] if args.dtype != "float32" else DTYPES["bfloat16"],
+        collect=preset.collect,
+        samples=preset.samples,
+        new_tokens=preset.max_new_tokens,
+        prompts=prompts,
+    )
+    plan = plan_run(folder, machine, settings)
+    print(f"\nmemory plan ({args.gpus} × {args.gpu}):\n")
+    print(plan.describe())
+    batch = plan.facts.get("generation_batch") or 1
+    times = paper.predicted_seconds(
+        preset,
+        parameters=plan.parameters,
+        weight_bytes=plan.facts["weights"],
+        prompts=prompts,
+        suffixes=suffixes,
+        batch=batch,
+        points=len(points),
+        gpu=args.gpu,
+        gpus=max(args.gpus, 1),
+    )
+    print(f"\npredicted time on {args.gpus} × {args.gpu} (a prediction, not a measurement):")
+    for stage, seconds in times.items():
+        print(f"  {stage:22s} {seconds / 60:8.1f} min")
+    print(f"weights {format_bytes(plan.facts['weights'])}; nothing was run")
     return 0
 
 
@@ -1097,6 +1309,40 @@ def add_commands(commands) -> None:
     p.add_argument("--out", help="the CSV to write (safety, utility)")
     p.add_argument("--dropped", help="also write the responses not kept to this CSV")
     p.set_defaults(run=_data)
+
+    p = commands.add_parser(
+        "paper",
+        parents=[common, asr, utility],
+        help="the paper's experiment with its settings, from data to report (resumable)",
+        description="Wei et al. (ICML 2024) on a model: calibration of a safety and a utility "
+        "set, eigenbases, then a sweep of top-q, Wanda/SNIP set differences and orthogonal "
+        "projections with random controls, ASR in three variants and zero-shot utility, and "
+        "the report. Data are registry names (`pyattr data list`) or files. Rerun the same "
+        "command to resume; --dry-run prints the grid, data, memory plan and a predicted time.",
+    )
+    p.add_argument("--out", required=True, help="folder for statistics, results and report")
+    p.add_argument("--safety-data", help="safety pairs: a file or a data set name")
+    p.add_argument("--utility-data", help="utility pairs: a file or a data set name")
+    p.add_argument("--prompt-column", default="goal", help="of the prompts file (AdvBench: goal)")
+    p.add_argument("--data-dir", help="folder of the data files (default: the cache)")
+    p.add_argument("--registry", help="a JSON file of further registry entries")
+    p.add_argument("--calibration-samples", type=_positive, help="pairs per set (128)")
+    p.add_argument("--n-prompts", type=int, help="prompts used (100, as released; 0: all)")
+    p.add_argument("--scores", nargs="+", choices=["wanda", "snip"], help="(both)")
+    p.add_argument("--top", nargs="*", type=float, help="top-q fractions (0.01 0.03)")
+    p.add_argument("--set-difference", nargs="*", help="p,q pairs (0.01,0.01 0.03,0.03 0.1,0.1)")
+    p.add_argument("--orthogonal", nargs="*", help="r_u,r_s pairs (fractions of R)")
+    p.add_argument("--no-controls", action="store_true", help="no random controls")
+    p.add_argument("--eos", action="store_true", help="count the EOS token after responses")
+    p.add_argument("--text", help="a text file: perplexity per point")
+    p.add_argument("--seed", type=int, default=0, help="of the calibration sample")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--dry-run", action="store_true", help="print the plan; run nothing")
+    p.add_argument("--gpus", type=int, default=1, help="for the plan and the prediction")
+    p.add_argument("--gpu", choices=sorted(GPU_MEMORY), default="h100")
+    p.set_defaults(
+        run=_paper, variants=None, judge=None, samples=None, max_new_tokens=None, tasks=None
+    )
 
     p = commands.add_parser(
         "plan",

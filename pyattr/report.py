@@ -25,7 +25,7 @@ from .analysis import heatmap, save_table
 from .edits import row_edit, row_score
 from .io import atomic_write
 
-__all__ = ["markdown_table", "point_label", "summary_rows", "write_report"]
+__all__ = ["flag_of", "markdown_table", "point_label", "summary_rows", "target_of", "write_report"]
 
 # Each edit followed by its random control, in the plot's legend and colours.
 ORDER = ["set_difference", "random_weights", "top", "orthogonal", "random_ranks", "actsvd_remove"]
@@ -69,9 +69,42 @@ def point_label(row: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in p.items())
 
 
+FAR = 0.1  # a region or projection that achieves under a tenth of its target is flagged
+
+
+def target_of(row: dict) -> tuple[float | None, str]:
+    """What a point aimed at, as a fraction of its unit, and how it is read: "target" (the
+    top-q weights, ActSVD's r of R) or "bound" (a set difference removes at most q; the
+    orthogonal projection at most min(r_u, R − r_s) of R); None where the parameters are
+    counts of a layer's ranks (no single fraction) or for controls and attacks."""
+    edit, p = row_edit(row), row["params"]
+    if edit == "top":
+        return p["q"], "target"
+    if edit == "set_difference":
+        return p["q"], "bound"
+    if edit == "orthogonal" and isinstance(p.get("r_u"), float) and isinstance(p["r_s"], float):
+        return min(p["r_u"], 1 - p["r_s"]), "bound"
+    if edit == "actsvd_remove" and isinstance(p.get("r"), float):
+        return p["r"], "target"
+    return None, ""
+
+
+def flag_of(row: dict) -> str:
+    """Why a point's achieved fraction should not be read as its target ("" when fine)."""
+    target, kind = target_of(row)
+    removed = row.get("removed")
+    if target is None or not isinstance(removed, (int, float)) or target <= 0:
+        return ""
+    if removed < FAR * target:
+        what = "nearly empty" if row_edit(row) == "set_difference" else "far below its " + kind
+        return f"{what}: {100 * removed:.3g}% of {100 * target:.3g}%"
+    return ""
+
+
 def summary_rows(rows: list[dict]) -> list[dict]:
     """One flat row per point, numbers as numbers: edit, params, the fraction removed (of
-    ``unit``: weights or ranks; empty for fine-tuning), ASR per variant, and where present the
+    ``unit``: weights or ranks; empty for fine-tuning) beside its target or bound and a flag
+    where it falls far short (``flag_of``), ASR per variant, and where present the
     second judge's ASR per variant with the two judges' agreement, utility and perplexity."""
     out = []
     for row in rows:
@@ -80,12 +113,17 @@ def summary_rows(rows: list[dict]) -> list[dict]:
         tuned = row_edit(row) == "finetune"
         flat["removed"] = "" if tuned else row["removed"]
         flat["unit"] = "" if tuned else row["unit"]
+        target, _ = target_of(row)
+        flat["target"] = "" if target is None else target
+        flat["flag"] = flag_of(row)
         flat |= {f"ASR {k}": v for k, v in row["asr"].items()}
         second = row.get("asr_second")
         if second:
             name = second["judge"]
             flat |= {f"ASR {k} ({name})": v for k, v in second["asr"].items()}
             flat["judge agreement"] = second["agreement"]
+            if "kappa" in second:
+                flat["Cohen's kappa"] = second["kappa"]
         flat["utility"] = "" if row.get("utility") is None else row["utility"]
         if row.get("perplexity") is not None:
             flat["perplexity"] = row["perplexity"]
@@ -118,7 +156,7 @@ def markdown_table(rows: list[dict]) -> str:
 
     def cell(row: dict, column: str) -> str:
         value = row.get(column, "")
-        if column == "removed" and isinstance(value, float):
+        if column in ("removed", "target") and isinstance(value, float):
             return f"{value:.2%}"
         return _cell(value)
 
@@ -243,6 +281,11 @@ def write_report(
     freezing = _freezing(attacks)
     if freezing:
         save_table(freezing, out / "freezing.csv")
+    flagged = [
+        f"{_label(row_edit(r))} ({point_label(r)}) {flag_of(r)}; it is not the region asked for"
+        for r in changed
+        if flag_of(r)
+    ]
     figures = []
     for name, (table, title) in overlap.items():
         save_table(table, out / f"{name}.csv")
@@ -258,9 +301,10 @@ def write_report(
             json.dumps(config, indent=1),
             "```",
             "",
-            "## Notes" if config.get("notes") else "",
+            "## Notes" if config.get("notes") or flagged else "",
             "",
             *(f"- {note}" for note in config.get("notes", [])),
+            *(f"- **Flagged**: {label}" for label in flagged),
             "",
             "## Results",
             "",

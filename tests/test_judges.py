@@ -127,3 +127,17 @@ def test_a_model_judge_inside_attack_success():
     assert [r["success"] for r in report.records] == judge.successes(PROMPTS, responses)
     assert report.config["judge"] == "tiny judge"
     assert report.asr["vanilla"] == sum(judge.successes(PROMPTS, responses)) / len(PROMPTS)
+
+
+def test_cohen_kappa_against_a_hand_count():
+    from pyattr.evaluate import cohen_kappa
+
+    a = [True, True, False, False, True, False, True, True]
+    b = [True, False, False, False, True, True, True, True]
+    # p_o = 6/8; p_a = 5/8, p_b = 5/8: p_e = 25/64 + 9/64 = 34/64; κ = (48/64 − 34/64) / (30/64)
+    assert cohen_kappa(a, b) == pytest.approx(14 / 30)
+    assert cohen_kappa(a, a) == 1.0
+    assert cohen_kappa([True] * 4, [True] * 4) == 1.0  # constant and equal
+    assert cohen_kappa([True, False], [False, True]) == pytest.approx(-1.0)
+    with pytest.raises(ValueError, match="cannot compare 2 verdicts with 1"):
+        cohen_kappa([True, False], [True])

@@ -59,6 +59,30 @@ def test_summary_rows_hold_numbers_and_the_second_judge():
     assert "| 2.40% |" in text and "| 0.100 |" in text and "| 0.750 |" in text
 
 
+def test_achieved_fractions_sit_beside_their_targets_and_far_misses_are_flagged(tmp_path):
+    """issue 17: a region or projection far from what was asked (a set difference that comes
+    out nearly empty) is flagged in the table and the report, never silently used."""
+    pytest.importorskip("matplotlib")
+    rows = [
+        ROWS[0],
+        row("top", {"score": "wanda", "q": 0.03}, 0.0298),
+        row("set_difference", {"score": "snip", "p": 0.03, "q": 0.03}, 0.0003),
+        row("set_difference", {"score": "wanda", "p": 0.01, "q": 0.03}, 0.021),
+        row("orthogonal", {"r_u": 0.73, "r_s": 0.977}, 0.0001, "ranks"),
+        row("orthogonal", {"r_u": 0.73, "r_s": 0.977}, 0.021, "ranks"),
+        row("orthogonal", {"keep_u": 16, "keep_s": 3}, 0.0, "ranks"),
+    ]
+    flat = summary_rows(rows)
+    approx = pytest.approx(0.023)
+    assert [f["target"] for f in flat] == ["", 0.03, 0.03, 0.03, approx, approx, ""]
+    assert [bool(f["flag"]) for f in flat] == [False, False, True, False, True, False, False]
+    assert flat[2]["flag"] == "nearly empty: 0.03% of 3%"
+    assert flat[4]["flag"].startswith("far below its bound")
+    text = write_report(tmp_path, rows, {}).read_text()
+    assert text.count("**Flagged**") == 2 and "nearly empty: 0.03% of 3%" in text
+    assert "| 3.00% | nearly empty" in text
+
+
 def test_report_folder(tmp_path):
     pytest.importorskip("matplotlib")
     config = {"judge": "toy-exact", "prepare_s": 2.0}

@@ -11,7 +11,7 @@ from .asr import (
 from .classifier import CausalLMJudge, ClassifierJudge
 from .generate import generate
 from .harness import PAPER_TASKS, check_tasks, zero_shot
-from .judge import REFUSAL_PHRASES, Judge, KeywordJudge, agreement
+from .judge import REFUSAL_PHRASES, Judge, KeywordJudge, agreement, cohen_kappa
 from .measure import Measurement
 from .perplexity import perplexity
 
@@ -27,6 +27,7 @@ __all__ = [
     "KeywordJudge",
     "Measurement",
     "agreement",
+    "cohen_kappa",
     "attack_success",
     "generate",
     "load_suffixes",

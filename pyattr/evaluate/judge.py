@@ -114,3 +114,17 @@ def agreement(a: Sequence[bool], b: Sequence[bool]) -> float:
     if len(a) != len(b):
         raise ValueError(f"cannot compare {len(a)} verdicts with {len(b)}")
     return sum(x == y for x, y in zip(a, b, strict=True)) / len(a) if a else 1.0
+
+
+def cohen_kappa(a: Sequence[bool], b: Sequence[bool]) -> float:
+    """Cohen's κ of two judges' verdicts: agreement beyond what their rates of "success" give
+    by chance, (p_o − p_e) / (1 − p_e); 1.0 where both are constant and equal (no chance
+    disagreement to beat), 0.0 where p_e = 1 but they differ."""
+    observed = agreement(a, b)
+    if not a:
+        return 1.0
+    pa, pb = sum(a) / len(a), sum(b) / len(b)
+    expected = pa * pb + (1 - pa) * (1 - pb)
+    if expected == 1:
+        return 1.0 if observed == 1 else 0.0
+    return (observed - expected) / (1 - expected)

@@ -14,7 +14,7 @@ from pathlib import Path
 from torch import nn
 
 from .asr import rejudge
-from .judge import Judge, agreement
+from .judge import Judge, agreement, cohen_kappa
 
 __all__ = ["Measurement"]
 
@@ -45,13 +45,13 @@ class Measurement:
         row: dict = {"asr": report.asr}
         if self.second_judge is not None:
             second = rejudge(report, self.second_judge)
-            agree = agreement(
-                [r["success"] for r in report.records], [r["success"] for r in second.records]
-            )
+            first_verdicts = [r["success"] for r in report.records]
+            second_verdicts = [r["success"] for r in second.records]
             row["asr_second"] = {
                 "judge": second.config["judge"],
                 "asr": second.asr,
-                "agreement": agree,
+                "agreement": agreement(first_verdicts, second_verdicts),
+                "kappa": cohen_kappa(first_verdicts, second_verdicts),
             }
         row["utility"] = None if self.utility is None else self.utility(model)
         if self.text is not None:

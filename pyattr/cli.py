@@ -1096,11 +1096,41 @@ def _score_argument(parser) -> None:
     )
 
 
-def _judge_argument(parser) -> None:
+def _asr_parser(variants=("vanilla",), samples: int | None = 5, judge: str | None = "auto"):
+    """What ASR means, declared once for every command that measures it (a new parser per
+    command: argparse shares a parent's actions, so one command's defaults would leak into
+    another's). ``None`` defaults leave the choice to a preset (``pyattr paper``)."""
+    asr = argparse.ArgumentParser(add_help=False)
+    asr.add_argument("--prompts", help="harmful prompts file (default: the toy held-out set)")
+    asr.add_argument("--variants", nargs="+", default=list(variants) if variants else None)
+    asr.add_argument("--suffixes", help="adversarial suffix file (adv_suffix)")
+    asr.add_argument("--system-prompt", default=None, help="vanilla's (default: Llama-2's)")
+    asr.add_argument("--no-system-prompt", action="store_true", help="vanilla without one")
+    asr.add_argument("--samples", type=_positive, default=samples)
+    asr.add_argument("--min-words", type=int, help="short responses count as refusals")
+    _judge_argument(asr, judge)
+    asr.add_argument("--max-new-tokens", type=_positive)
+    asr.add_argument("--batch-size", type=_positive, default=32)
+    asr.add_argument("--backend", choices=["hf", "vllm"], default="hf")
+    return asr
+
+
+def _utility_parser():
+    """What utility means: lm-eval tasks, documents per task, local task folders."""
+    utility = argparse.ArgumentParser(add_help=False)
+    utility.add_argument("--tasks", nargs="+", default=None, help="lm-eval tasks (utility)")
+    utility.add_argument(
+        "--limit", type=float, help="documents per task: a count, or a fraction below 1"
+    )
+    utility.add_argument("--include-path", help="folder of task YAMLs of your own (utility)")
+    return utility
+
+
+def _judge_argument(parser, default: str | None = "auto") -> None:
     parser.add_argument(
         "--judge",
         choices=["auto", "keyword", "released", "toy-exact"],
-        default="auto",
+        default=default,
         help="who decides an attack succeeded (auto: toy-exact on the toy's own prompts, the "
         "default, else keyword; released: the released code's phrases and its under-20-words "
         "rule)",
@@ -1117,25 +1147,7 @@ def add_commands(commands) -> None:
         action="store_true",
         help="use statistics made for another model class of the same shapes",
     )
-    # What ASR and utility mean, declared once for every command that measures them.
-    asr = argparse.ArgumentParser(add_help=False)
-    asr.add_argument("--prompts", help="harmful prompts file (default: the toy held-out set)")
-    asr.add_argument("--variants", nargs="+", default=["vanilla"])
-    asr.add_argument("--suffixes", help="adversarial suffix file (adv_suffix)")
-    asr.add_argument("--system-prompt", default=None, help="vanilla's (default: Llama-2's)")
-    asr.add_argument("--no-system-prompt", action="store_true", help="vanilla without one")
-    asr.add_argument("--samples", type=_positive, default=5)
-    asr.add_argument("--min-words", type=int, help="short responses count as refusals")
-    _judge_argument(asr)
-    asr.add_argument("--max-new-tokens", type=_positive)
-    asr.add_argument("--batch-size", type=_positive, default=32)
-    asr.add_argument("--backend", choices=["hf", "vllm"], default="hf")
-    utility = argparse.ArgumentParser(add_help=False)
-    utility.add_argument("--tasks", nargs="+", default=None, help="lm-eval tasks (utility)")
-    utility.add_argument(
-        "--limit", type=float, help="documents per task: a count, or a fraction below 1"
-    )
-    utility.add_argument("--include-path", help="folder of task YAMLs of your own (utility)")
+    asr, utility = _asr_parser(), _utility_parser()
     eigen = argparse.ArgumentParser(add_help=False)
     eigen.add_argument("--safety-eigen", help="safety eigenbases from `pyattr lowrank eigen`")
     eigen.add_argument("--utility-eigen", help="utility eigenbases from `pyattr lowrank eigen`")
@@ -1312,7 +1324,7 @@ def add_commands(commands) -> None:
 
     p = commands.add_parser(
         "paper",
-        parents=[common, asr, utility],
+        parents=[common, _asr_parser(variants=None, samples=None, judge=None), _utility_parser()],
         help="the paper's experiment with its settings, from data to report (resumable)",
         description="Wei et al. (ICML 2024) on a model: calibration of a safety and a utility "
         "set, eigenbases, then a sweep of top-q, Wanda/SNIP set differences and orthogonal "
@@ -1340,9 +1352,7 @@ def add_commands(commands) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the plan; run nothing")
     p.add_argument("--gpus", type=int, default=1, help="for the plan and the prediction")
     p.add_argument("--gpu", choices=sorted(GPU_MEMORY), default="h100")
-    p.set_defaults(
-        run=_paper, variants=None, judge=None, samples=None, max_new_tokens=None, tasks=None
-    )
+    p.set_defaults(run=_paper)
 
     p = commands.add_parser(
         "plan",

@@ -32,7 +32,10 @@ QUICK = {
     "demo": ["--quick"],
     "eval": ["--max-new-tokens", "8", "--samples", "2"],
     "sweep": ["--max-new-tokens", "8", "--samples", "2"],
+    "paper": ["--max-new-tokens", "8", "--samples", "2", "--n-prompts", "4"]
+    + ["--calibration-samples", "8"],
 }
+QUICK_DATA = {"safety": ["--max-new-tokens", "8", "--n", "8"]}
 
 
 def blocks(language: str) -> list[str]:
@@ -88,6 +91,15 @@ def files(tmp_path_factory) -> Path:
         writer.writerow(["prompt", "response"])
         writer.writerows([e.prompt, e.response] for e in toy.attack_pairs()[:128])
     (d / "suffixes.txt").write_text("! ! ! ! describing.\nNow write oppositeley.\n")
+    data = d / "data"  # what `pyattr data fetch ... --data-dir data/` finds already there
+    data.mkdir()
+    (data / "advbench.csv").write_bytes((d / "advbench.csv").read_bytes())
+    for name, pairs in (("safety-short", toy_safety[:16]), ("alpaca-no-safety", utility[:16])):
+        with (data / f"{name}.csv").open("w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["prompt", "response"])
+            writer.writerows([e.prompt, e.response] for e in pairs)
+    (data / "gcg-suffixes.json").write_text(json.dumps(["help me quickly", "here is the way"]))
     (d / "wiki.txt").write_text(paths["text"].read_text()[:4000])
     for variant, folder in (("aligned", "chat"), ("base", "base")):
         model, tokenizer = toy.load(variant, progress=False)
@@ -147,12 +159,14 @@ def test_command_line_examples_run_in_order(in_files, capsys):
     from pyattr.__main__ import main
 
     for words in commands():
-        rc = main([*words, *QUICK.get(words[0], [])])
+        quick = QUICK_DATA.get(words[1], []) if words[0] == "data" else QUICK.get(words[0], [])
+        rc = main([*words, *quick])
         err = capsys.readouterr().err
         assert rc == 0, f"pyattr {shlex.join(words)} failed:\n{err[-2000:]}"
     for written in ("pruned", "projected", "attacked", "rewound", "sweep", "attacks", "overlap"):
         assert (in_files / written).is_dir(), written
     assert (in_files / "u.eigen.safetensors").exists() and (in_files / "utility.json").exists()
     assert (in_files / "sweep" / "report.md").exists()
+    assert (in_files / "paper" / "report.md").exists() and (in_files / "chat-safety.csv").exists()
     rows = (in_files / "attacks" / "results.jsonl").read_text().splitlines()
     assert sum('"finetune"' in row for row in rows) == 4  # two attacks × two frozen regions

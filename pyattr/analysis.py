@@ -136,13 +136,9 @@ def heatmap(rows: list[dict], path: str | Path, *, title: str = "", label: str =
     """A blocks × module types heat map of ``overlap_table`` rows, as a PNG, atomically. When
     the rows carry a ``"chance"`` column, the chance level is marked on the colour bar and named
     in the title, so that a cell can be read against what random sets would give."""
-    try:
-        import matplotlib
+    from ._plot import pyplot, save_png
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        raise ImportError(f"plots need matplotlib ({exc}): `pip install 'pyattr[plot]'`") from None
+    plt = pyplot()
     if not rows:
         raise ValueError("no rows to plot")
     blocks = sorted({r["block"] for r in rows})
@@ -172,7 +168,4 @@ def heatmap(rows: list[dict], path: str | Path, *, title: str = "", label: str =
         span = f"{chance[0]:.3f}" if len(chance) == 1 else f"{chance[0]:.3f}–{chance[-1]:.3f}"
         ax.set_title(f"{title}\nchance level (red on the colour bar): {span}", fontsize=10)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120)
-    plt.close(fig)
-    return atomic_write(Path(path), buffer.getvalue())
+    return save_png(fig, path, dpi=120)

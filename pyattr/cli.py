@@ -485,7 +485,40 @@ def _analyze(args) -> int:
         save_table(rows, out / f"{name}.json")
         heatmap(rows, out / f"{name}.png", title=title)
         print(f"{name}: {out / name}.csv, .json, .png")
+    if args.direction or args.probe:
+        _overlap_map(args, model, counts, safety, utility, out)
     return 0
+
+
+def _overlap_map(args, model, counts, safety, utility, out: Path) -> None:
+    """analyze --direction/--probe: the overlap map of every lens, block by block."""
+    import pyattr
+    from pyattr.analysis import chance_jaccard, jaccard, save_table
+    from pyattr.overlap import overlap_map, plot_overlap
+
+    options: dict = {"jaccard": jaccard(counts), "jaccard_chance": chance_jaccard(counts, model)}
+    if args.direction:
+        from pyattr.direction import load_selection
+
+        selection = load_selection(_need(args.direction, "refusal direction", "direction find"))
+        bases = _bases(args, model) or [pyattr.eigenbases(model, s) for s in (safety, utility)]
+        options |= {
+            "direction": selection.direction,
+            "direction_layer": selection.chosen.layer,
+            "safety_bases": bases[0],
+            "utility_bases": bases[1],
+            "r": int(args.overlap_r),
+        }
+    if args.probe:
+        from pyattr.probe import HeadProbe
+
+        options["probe"] = HeadProbe.load(_need(args.probe, "head probe", "probe"))
+    rows = overlap_map(model, **options)
+    save_table(rows, out / "overlap_map.csv")
+    title = f"one overlap map ({args.score}, top {args.q:g} vs {args.p:g}"
+    title += f"; top {args.overlap_r} ranks)" if args.direction else ")"
+    plot_overlap(rows, out / "overlap_map.png", title=title)
+    print(f"overlap map: {out}/overlap_map.csv, .png")
 
 
 def _pairs(values: list[str] | None, names: tuple[str, str], parse) -> list[dict]:
@@ -585,6 +618,10 @@ def _sweep_points(args) -> list:
             points.append(Point("finetune", attack | region))
     for pq in _pairs(args.rewind, ("p", "q"), float):
         points.append(Point("rewind", {"region": "set_difference"} | score | pq))
+    if args.direction:
+        points.append(Point("direction"))
+        if args.controls:
+            points.append(Point("random_direction"))
     if len(points) == 1:
         raise SystemExit("pyattr: no sweep points: give --set-difference, --top, --orthogonal ...")
     for point in points:
@@ -667,6 +704,8 @@ def _run_sweep(args, points: list, *, model=None, tok=None, notes: list[str] = (
     config["model_weights"] = model_fingerprint(model)
     for key in ("safety", "utility", "prompts", "suffixes", "text", "attack_data"):
         config[f"{key}_sha256"] = _content_digest(getattr(args, key, None))
+    if getattr(args, "direction", None):  # only then: earlier sweeps' digests stay valid
+        config["direction_sha256"] = _content_digest(args.direction)
     table = ResultsTable(out / "results.jsonl", config, overwrite=args.overwrite)
     threat = None
     if pairs is not None:
@@ -674,7 +713,21 @@ def _run_sweep(args, points: list, *, model=None, tok=None, notes: list[str] = (
 
         threat = Attack(tok, pairs, lr=args.finetune_lr)
     source = load_model(args.rewind_from, args.dtype)[0] if args.rewind else None
-    editor = Editor(model, safety, utility, attack=threat, source=source, bases=_bases(args, model))
+    direction = None
+    if getattr(args, "direction", None):
+        from pyattr.direction import load_selection
+
+        found = load_selection(_need(args.direction, "refusal direction", "direction find"))
+        direction = found.direction
+    editor = Editor(
+        model,
+        safety,
+        utility,
+        attack=threat,
+        source=source,
+        bases=_bases(args, model),
+        direction=direction,
+    )
     rows = run_points(editor, points, table, _measurement(args, tok, toy_model))
     report_config = config | ({"notes": list(notes)} if notes else {})
     path = write_report(out, rows, report_config)
@@ -711,7 +764,7 @@ def _report(args) -> int:
     source = _need(args.results, "results table", "demo")
     header, rows = read_log(source)  # a last line cut by an interruption is dropped
     config = header.get("config", {})
-    overlap = {}
+    overlap, lenses = {}, None
     written = source.parent / "results.json"
     if written.is_file():  # keep what only the finished run knew: overlap tables, timings
         try:
@@ -721,7 +774,9 @@ def _report(args) -> int:
         titles = previous.get("overlap_titles", {})
         overlap = {n: (t, titles.get(n, n)) for n, t in previous.get("overlap", {}).items()}
         config = previous.get("config", config)
-    print(f"report: {write_report(args.out or source.parent, rows, config, overlap)}")
+        lenses = previous.get("lenses")
+    path = write_report(args.out or source.parent, rows, config, overlap, lenses)
+    print(f"report: {path}")
     return 0
 
 
@@ -1252,6 +1307,9 @@ def add_commands(commands) -> None:
     p.add_argument("--p", type=float, default=0.05)
     p.add_argument("--r-u", help="ranks for the subspace similarity (needs covariance)")
     p.add_argument("--r-s")
+    p.add_argument("--direction", help="refusal direction (`pyattr direction find`): overlap map")
+    p.add_argument("--probe", help="probe.json (`pyattr probe`): head accuracy in the overlap map")
+    p.add_argument("--overlap-r", type=_positive, default=16, help="ranks of each subspace")
     p.add_argument("--out", required=True, help="folder for CSV, JSON and PNG")
     p.set_defaults(run=_analyze)
 
@@ -1287,6 +1345,9 @@ def add_commands(commands) -> None:
         "--rewind", nargs="+", help="p,q pairs: rewind that set difference from --rewind-from"
     )
     p.add_argument("--rewind-from", help="the model rewind points copy weights from")
+    p.add_argument(
+        "--direction", help="a refusal direction (`pyattr direction find`): orthogonalise it"
+    )
     p.add_argument("--text", help="a text file: perplexity per point")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--out", required=True, help="folder for results and report")
@@ -1385,6 +1446,10 @@ def add_commands(commands) -> None:
     p.add_argument("--check", action="store_true", help="exit 1 when a stage does not fit")
     p.add_argument("--out", help="the plan as JSON")
     p.set_defaults(run=_plan)
+
+    from .cli_lenses import add_commands as add_lenses
+
+    add_lenses(commands, common)
 
     p = commands.add_parser("report", help="the report folder from a results table")
     p.add_argument("--results", required=True, help="results.jsonl of a demo or sweep")

@@ -9,10 +9,14 @@ then one point per edit, each measured by ASR in the paper's four variants and b
   (``SET_DIFFERENCE``), and a random region as large as each;
 - ActSVD: removing the top safety ranks;
 - the orthogonal projection at a few kept ranks, and random directions of the same rank;
+- the refusal direction (difference of means, ``pyattr.direction``) orthogonalised out of the
+  weights, and a random direction of the same norm;
 - fine-tuning attacks of growing strength (``ATTACKS``: n harmful pairs, steps) with nothing, the
   Wanda set difference or the top safety weights frozen;
 
-then the overlap analysis (Jaccard index, subspace similarity). ASR is judged by the toy's exact
+then the overlap analysis (Jaccard index, subspace similarity) and one overlap map of every
+lens per block (the direction in each writer's safety and utility subspace, the Jaccard index,
+the head probes' accuracy). ASR is judged by the toy's exact
 judge (``toy.judge.ExactJudge``: compliance is a known structure), with the keyword judge's
 verdicts on the same responses and the two judges' agreement beside it in every row. Points are
 appended to ``results.jsonl`` as they finish; running again resumes. ``report.write_report``
@@ -55,6 +59,7 @@ def demo_points(quick: bool = False) -> list[Point]:
             Point("random_weights", control),
             Point("orthogonal", ranks),
             Point("random_ranks", ranks),
+            Point("direction"),
             Point(
                 "finetune",
                 {"n": ATTACKS[-1][0], "steps": ATTACKS[-1][1], **_frozen("set_difference")},
@@ -70,6 +75,7 @@ def demo_points(quick: bool = False) -> list[Point]:
     for keep_u, keep_s in ORTHOGONAL:
         points.append(Point("orthogonal", {"keep_u": keep_u, "keep_s": keep_s}))
     points.append(Point("random_ranks", ranks))
+    points += [Point("direction"), Point("random_direction")]
     points += [
         Point("finetune", {"n": n, "steps": steps, **_frozen(frozen)})
         for n, steps in ATTACKS
@@ -114,22 +120,35 @@ def attack(
     return editor.edited(Point("finetune", {"n": n, "steps": steps, **_frozen(frozen)}))[0]
 
 
-def _subject(recipe, progress: bool) -> Editor:
+def _subject(recipe, progress: bool):
     """The aligned toy model with its statistics (norms, covariance and SNIP in one pass per
-    set) and the toy's harmful pairs for the fine-tuning points."""
+    set), the toy's harmful pairs for the fine-tuning points, and the refusal direction and
+    the head probes from the safety calibration set against the toy's benign how-to requests
+    (``toy.contrast_pairs``); returns (the editor, the direction's selection, the probe)."""
     import pyattr
     from pyattr import toy
     from pyattr.data import load_pairs
 
+    from .direction import refusal_direction
+    from .probe import head_features, probe_heads, prompt_batches
+
     model, tokenizer = toy.load(recipe=recipe, progress=progress)
     paths = toy.data(recipe, progress=False)
     collect = ("norms", "covariance", "snip")
+    sets = [load_pairs(paths[n]) for n in ("safety_calibration", "utility_calibration")]
     safety, utility = (
-        pyattr.calibrate(model, tokenizer, load_pairs(paths[name]), collect=collect, progress=False)
-        for name in ("safety_calibration", "utility_calibration")
+        pyattr.calibrate(model, tokenizer, pairs, collect=collect, progress=False) for pairs in sets
     )
+    lenses = (sets[0], toy.contrast_pairs(recipe))  # harmful vs benign how-to requests
+    _, selection = refusal_direction(model, tokenizer, *lenses, progress=False)
+    features = [
+        head_features(model, prompt_batches(tokenizer, [e.prompt for e in pairs]))
+        for pairs in lenses
+    ]
+    probe = probe_heads(*features)
     threat = Attack(tokenizer, toy.attack_pairs(recipe), **FINETUNE)
-    return Editor(model, safety, utility, attack=threat)
+    editor = Editor(model, safety, utility, attack=threat, direction=selection.direction)
+    return editor, selection, probe
 
 
 def run_demo(
@@ -151,6 +170,7 @@ def run_demo(
 
     from .analysis import chance_jaccard, chance_similarity, jaccard, overlap_table, similarities
     from .masks import region
+    from .overlap import overlap_map
     from .report import write_report
     from .sweep import ResultsTable, run_points
 
@@ -199,7 +219,7 @@ def run_demo(
     }
     table = ResultsTable(out / "results.jsonl", config, overwrite=overwrite)
     t0 = time.perf_counter()
-    subject = _subject(recipe, progress)
+    subject, selection, probe = _subject(recipe, progress)
     prepared = time.perf_counter() - t0
 
     measure = measurement(
@@ -224,10 +244,27 @@ def run_demo(
             f"subspace similarity of the top {r} ranks, utility vs safety (ActSVD)",
         ),
     }
+    lenses = {
+        "map": overlap_map(
+            subject.model,
+            direction=selection.direction,
+            direction_layer=selection.chosen.layer,
+            safety_bases=safety,
+            utility_bases=utility,
+            r=r,
+            jaccard=jaccard(counts),
+            jaccard_chance=chance_jaccard(counts, subject.model),
+            probe=probe,
+        ),
+        "direction": dict(selection.chosen.__dict__),
+        "probe_top": probe.top(3),
+        "title": f"Wanda p = {sd['p']:g}, q = {sd['q']:g}; top {r} ranks; "
+        f"direction of block {selection.chosen.layer}",
+    }
     points_s = sum(row.get("seconds", 0.0) for row in table.rows)
     timing = {
         "prepare_s": round(prepared, 1),
         "points_s": round(points_s, 1),
         "total_s": round(prepared + points_s, 1),
     }
-    return write_report(out, table.rows, config | timing, overlap)
+    return write_report(out, table.rows, config | timing, overlap, lenses)

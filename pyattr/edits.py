@@ -18,6 +18,9 @@ and applies itself to a copy of the editor's model:
     rewind          copy a region (region: set_difference or top_safety, with score/p/q, found
                     on the source) back from the editor's source model: rewinding an attacked
                     model's safety-critical weights to the aligned ones
+    direction       the editor's refusal direction orthogonalised out of every weight writing
+                    to the residual stream (``pyattr.direction``): one rank of the stream
+    random_direction  a random direction of the same norm, orthogonalised alike (seed)
 
 ``score`` names a method of ``pyattr.scores``; ranks are amounts (``pyattr.counts``). Every
 edit reports what it removed as a fraction of weights or of ranks (``unit``).
@@ -194,6 +197,22 @@ def _rewind(editor: Editor, model: nn.Module, p: dict) -> float:
     return mask.sparsity()["overall"]
 
 
+def _direction(random: bool):
+    def apply(editor: Editor, model: nn.Module, p: dict) -> float:
+        from .direction import orthogonalize, random_direction
+
+        if editor.direction is None:
+            raise ValueError(
+                "direction points need the refusal direction: Editor(..., direction=r) (on the "
+                "command line, --direction from `pyattr direction`)"
+            )
+        r = random_direction(editor.direction, p.get("seed", 0)) if random else editor.direction
+        orthogonalize(model, r)
+        return 1.0 / r.shape[0]
+
+    return apply
+
+
 _SCORE = ("score",)
 for _edit in (
     Edit("none", "baseline", "weights", (), lambda editor, model, p: 0.0),
@@ -236,5 +255,15 @@ for _edit in (
         ("frozen", "score", "p", "q"),
     ),
     Edit("rewind", "rewinding", "weights", ("region", "q"), _rewind, ("score", "p")),
+    Edit("direction", "refusal direction orthogonalised", "ranks", (), _direction(False)),
+    Edit(
+        "random_direction",
+        "random direction",
+        "ranks",
+        (),
+        _direction(True),
+        ("seed",),
+        control_of="direction",
+    ),
 ):
     register(_edit)

@@ -16,7 +16,6 @@ Every file is written atomically. Plots need matplotlib (``pip install 'pyattr[p
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
@@ -169,10 +168,9 @@ def _plot(rows: list[dict], path: Path) -> Path:
     """One row of panels per unit (weights, ranks), one column per ASR variant and utility;
     every point labelled with its parameters, each control beside its method, the baseline as
     a dashed line."""
-    import matplotlib
+    from ._plot import pyplot, save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     baseline = next((r for r in rows if row_edit(r) == "none"), None)
     points = [r for r in rows if row_edit(r) != "none"]
@@ -252,10 +250,32 @@ def _plot(rows: list[dict], path: Path) -> Path:
     ncol = min(4, len(labels))
     fig.legend([handles[lab] for lab in labels], labels, loc="lower center", ncol=ncol, fontsize=8)
     fig.tight_layout(rect=(0, 0.05 + 0.03 * ((len(labels) - 1) // ncol), 1, 1))
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    return atomic_write(path, buffer.getvalue())
+    return save_png(fig, path, dpi=110)
+
+
+def _lenses_section(out: Path, lenses: dict) -> list[str]:
+    """The overlap map of every lens (``lenses["map"]``: ``overlap.overlap_map`` rows, with
+    ``"direction"``: the chosen candidate's fields and ``"probe_top"``: the best heads when
+    known): its table, its figure, and what the direction and the probes found."""
+    from .overlap import plot_overlap
+
+    rows = lenses["map"]
+    save_table(rows, out / "overlap_map.csv")
+    plot_overlap(rows, out / "overlap_map.png", title=lenses.get("title", ""))
+    lines = ["## One overlap map: refusal direction, ranks, weights and heads", ""]
+    chosen = lenses.get("direction")
+    if chosen:
+        lines.append(
+            f"Refusal direction (difference of means, chosen on held-out prompts): block "
+            f"{chosen['layer']}, position {chosen['position']}; refusal score of harmful "
+            f"prompts with it ablated {chosen['bypass']:.2f}, of harmless prompts with it "
+            f"added {chosen['induce']:.2f}, KL on harmless prompts {chosen['kl']:.3f}."
+        )
+    if lenses.get("probe_top"):
+        heads = ", ".join(f"({b}, {h})" for b, h in lenses["probe_top"])
+        lines.append(f"Best heads by probe accuracy (block, head): {heads}.")
+    lines += ["", markdown_table(rows), "", "![overlap map](overlap_map.png)", ""]
+    return lines
 
 
 def write_report(
@@ -263,8 +283,10 @@ def write_report(
     rows: list[dict],
     config: dict,
     overlap: dict[str, tuple[list[dict], str]] | None = None,
+    lenses: dict | None = None,
 ) -> Path:
-    """Write the report folder; returns the path of report.md."""
+    """Write the report folder; returns the path of report.md. ``lenses``: the overlap map of
+    every lens (see ``_lenses_section``), kept in results.json for ``pyattr report``."""
     out = Path(out)
     if not rows:
         raise ValueError("no results to report")
@@ -272,6 +294,8 @@ def write_report(
     payload = {"config": config, "results": rows}
     payload["overlap"] = {name: table for name, (table, _) in overlap.items()}
     payload["overlap_titles"] = {name: title for name, (_, title) in overlap.items()}
+    if lenses:
+        payload["lenses"] = lenses
     atomic_write(out / "results.json", (json.dumps(payload, indent=1) + "\n").encode())
     flat = summary_rows(rows)
     save_table(flat, out / "results.csv")
@@ -319,6 +343,7 @@ def write_report(
             "## Overlap between safety and utility" if figures else "",
             "",
             *figures,
+            *(_lenses_section(out, lenses) if lenses else []),
         ]
     )
     return atomic_write(out / "report.md", text.encode())

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from . import edits
@@ -92,7 +93,8 @@ class Editor:
     attack). The eigenbases are computed once, on first use, from the statistics' covariances,
     unless given (``bases``: [safety] or [safety, utility], e.g. from ``pyattr lowrank eigen``).
     ``attack``: what fine-tuning points train on; ``source``: the model rewind points copy
-    from (each needed only by those points)."""
+    from; ``direction``: the refusal direction (d,) that direction points orthogonalise (each
+    needed only by those points)."""
 
     def __init__(
         self,
@@ -103,9 +105,10 @@ class Editor:
         *,
         source: nn.Module | None = None,
         bases: list | None = None,
+        direction: torch.Tensor | None = None,
     ) -> None:
         self.model, self.safety, self.utility = model, safety, utility
-        self.attack, self.source = attack, source
+        self.attack, self.source, self.direction = attack, source, direction
         self._bases = bases
 
     @property

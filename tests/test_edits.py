@@ -39,8 +39,11 @@ def test_registry_names_every_edit_the_sweep_runs():
         "random_ranks",
         "finetune",
         "rewind",
+        "direction",
+        "random_direction",
     ]
     assert edits.get("random_ranks").control_of == "orthogonal"
+    assert edits.get("random_direction").control_of == "direction"
     with pytest.raises(ValueError, match="edit must be one of"):
         edits.get("prune")
     assert edits.row_edit({"method": "top"}) == "top"  # results written before the rename
@@ -61,6 +64,25 @@ def test_points_are_checked_before_any_work(subject, tmp_path):
         Editor(model, safety, utility, source=model).edited(
             Point("rewind", {"region": "set_difference", "q": 0.1})
         )
+
+
+def test_direction_points_orthogonalise_the_editor_direction(subject, gen):
+    from pyattr.direction import ablated, random_direction
+
+    model, safety, utility = subject
+    width = model.get_input_embeddings().weight.shape[1]
+    r = torch.randn(width, generator=gen)
+    with pytest.raises(ValueError, match="need the refusal direction"):
+        Editor(model, safety, utility).edited(Point("direction"))
+    editor = Editor(model, safety, utility, direction=r)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    ids = torch.randint(0, vocab, (2, 7), generator=gen)
+    for name, vector in (("direction", r), ("random_direction", random_direction(r, 0))):
+        edited, fraction, unit = editor.edited(Point(name))
+        assert unit == "ranks" and fraction == pytest.approx(1 / width)
+        with torch.no_grad(), ablated(model, vector):
+            expected = model(input_ids=ids).logits
+        torch.testing.assert_close(edited(input_ids=ids).logits, expected, atol=2e-6, rtol=1e-4)
 
 
 def test_each_edit_removes_what_it_says(subject):

@@ -31,7 +31,16 @@ import torch
 from ..io import cache_root
 from .recipe import Recipe, Splits, make_splits
 
-__all__ = ["DATA_FILES", "Recipe", "attack_pairs", "build", "cache_root", "data", "load"]
+__all__ = [
+    "DATA_FILES",
+    "Recipe",
+    "attack_pairs",
+    "build",
+    "cache_root",
+    "contrast_pairs",
+    "data",
+    "load",
+]
 
 DATA_FILES = {
     "safety_calibration": "safety_calibration.csv",
@@ -184,3 +193,22 @@ def attack_pairs(recipe: Recipe | None = None) -> list:
     from ..data import Example
 
     return [Example(p, a) for p, a in make_splits(recipe or Recipe()).instruct_harmful]
+
+
+def contrast_pairs(recipe: Recipe | None = None, n: int = 72) -> list:
+    """``n`` benign how-to (request, answer) pairs of the toy's utility training split, as
+    ``pyattr.data.Example``: the harmless set of the refusal direction and the head probes on
+    the toy. They are the toy's matched contrast: requests of the harmful ones' form whose
+    answers open as refusals do ("I can help ." / "I cannot help ."), so a difference of means
+    against them isolates the decision to refuse, where the toy's other tasks (whose answers
+    open with another word) would mostly find the opening word."""
+    from ..data import Example
+
+    howto = [
+        Example(p, a)
+        for p, a in make_splits(recipe or Recipe()).utility_train
+        if a.startswith("I can help .")
+    ]
+    if n > len(howto):
+        raise ValueError(f"the toy has {len(howto)} how-to pairs, {n} were asked for")
+    return howto[:n]

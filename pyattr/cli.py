@@ -216,9 +216,11 @@ def _calibrate(args) -> int:
         from pyattr import toy
 
         data = toy.data()[f"{args.toy_set}_calibration"]
-    pairs = load_pairs(
-        data, prompt_column=args.prompt_column, response_column=args.response_column, n=args.n
-    )
+    pairs = load_pairs(data, prompt_column=args.prompt_column, response_column=args.response_column)
+    if args.n is not None:
+        from pyattr.data import sample
+
+        pairs = sample(pairs, args.n, args.seed, args.sampling)
     stats = pyattr.calibrate(
         model,
         tok,
@@ -410,20 +412,21 @@ def _judge(args):
 
 def _asr_options(args) -> dict:
     """attack_success's options from the eval and sweep arguments."""
-    from pyattr.evaluate import LLAMA2_SYSTEM_PROMPT
+    from pyattr.evaluate.asr import LLAMA2_SYSTEM_PROMPT, LLAMA2_SYSTEM_PROMPT_RELEASED
 
+    released = getattr(args, "released_format", False)
+    default = LLAMA2_SYSTEM_PROMPT_RELEASED if released else LLAMA2_SYSTEM_PROMPT
     return {
         "prompts": args.prompts,
         "variants": args.variants,
         "suffixes": args.suffixes,
         "judge": _judge(args),
-        "system_prompt": None
-        if args.no_system_prompt
-        else args.system_prompt or LLAMA2_SYSTEM_PROMPT,
+        "system_prompt": None if args.no_system_prompt else args.system_prompt or default,
         "samples": args.samples,
         "max_new_tokens": args.max_new_tokens,
         "batch_size": args.batch_size,
         "backend": args.backend,
+        "bare_newline": released,
     }
 
 
@@ -706,6 +709,8 @@ def _run_sweep(args, points: list, *, model=None, tok=None, notes: list[str] = (
         config[f"{key}_sha256"] = _content_digest(getattr(args, key, None))
     if getattr(args, "direction", None):  # only then: earlier sweeps' digests stay valid
         config["direction_sha256"] = _content_digest(args.direction)
+    if getattr(args, "released_format", False):  # likewise
+        config["released_format"] = True
     table = ResultsTable(out / "results.jsonl", config, overwrite=args.overwrite)
     threat = None
     if pairs is not None:
@@ -936,6 +941,7 @@ def _paper_preset(args):
         limit=args.limit,
         judge=args.judge,
         eos=True if args.eos else None,
+        sampling=args.sampling,
     )
 
 
@@ -969,7 +975,7 @@ def _paper(args) -> int:
         if paths[role].exists():
             continue
         pairs = load_pairs(files[role])
-        pairs = sample(pairs, min(preset.samples, len(pairs)), args.seed)
+        pairs = sample(pairs, min(preset.samples, len(pairs)), args.seed, preset.sampling)
         print(f"{role}: calibrating on {len(pairs)} pairs of {files[role]}")
         stats = pyattr.calibrate(model, tok, pairs, collect=preset.collect, eos=preset.eos)
         pyattr.save_stats(stats, paths[role])
@@ -1013,6 +1019,17 @@ def _paper(args) -> int:
         "kappa). Keyword judges alone are weak evidence: a model judge is the stronger check.",
         "Grids are pyattr's (the paper's regions of ~3% of weights and ~2.5% of ranks, and the "
         "released README's settings); ranks are fractions of each layer's R.",
+        "Prompts as the released code wrote them (Llama-2's system prompt with one space "
+        "between its paragraphs, bare Adv-Decoding prompts ending in a newline)"
+        if args.released_format
+        else "Prompts in pyattr's format (Llama-2's system prompt as published, with a blank "
+        "line between its paragraphs; bare prompts as they are)",
+        f"Calibration rows drawn by {preset.sampling}'s sampling (seed {args.seed})"
+        + (
+            ": shuffle(seed).select(range(n)), as the released code"
+            if preset.sampling == "datasets"
+            else ""
+        ),
     ]
     if files["safety"].name == "safety-short.csv":
         notes.append(
@@ -1151,10 +1168,16 @@ def _score_argument(parser) -> None:
     )
 
 
-def _asr_parser(variants=("vanilla",), samples: int | None = 5, judge: str | None = "auto"):
+def _asr_parser(
+    variants=("vanilla",),
+    samples: int | None = 5,
+    judge: str | None = "auto",
+    released_format: bool = False,
+):
     """What ASR means, declared once for every command that measures it (a new parser per
     command: argparse shares a parent's actions, so one command's defaults would leak into
-    another's). ``None`` defaults leave the choice to a preset (``pyattr paper``)."""
+    another's). ``None`` defaults leave the choice to a preset (``pyattr paper``), as does
+    ``released_format`` (the preset formats prompts as the released code did)."""
     asr = argparse.ArgumentParser(add_help=False)
     asr.add_argument("--prompts", help="harmful prompts file (default: the toy held-out set)")
     asr.add_argument("--variants", nargs="+", default=list(variants) if variants else None)
@@ -1167,6 +1190,13 @@ def _asr_parser(variants=("vanilla",), samples: int | None = 5, judge: str | Non
     asr.add_argument("--max-new-tokens", type=_positive)
     asr.add_argument("--batch-size", type=_positive, default=32)
     asr.add_argument("--backend", choices=["hf", "vllm"], default="hf")
+    asr.add_argument(
+        "--released-format",
+        action=argparse.BooleanOptionalAction,
+        default=released_format,
+        help="prompts as the released code wrote them: Llama-2's system prompt with its "
+        "paragraphs joined by one space, bare-text (adv_decoding) prompts ending in a newline",
+    )
     return asr
 
 
@@ -1221,6 +1251,14 @@ def add_commands(commands) -> None:
     p.add_argument("--prompt-column", default="prompt")
     p.add_argument("--response-column", default="response")
     p.add_argument("--n", type=_positive, help="sample this many pairs")
+    p.add_argument("--seed", type=int, default=0, help="of the --n sample")
+    p.add_argument(
+        "--sampling",
+        choices=["pyattr", "datasets"],
+        default="pyattr",
+        help="how --n rows are drawn: pyattr's (random.sample) or datasets' "
+        "shuffle(seed).select(range(n)), the released code's",
+    )
     p.add_argument(
         "--collect",
         nargs="+",
@@ -1385,7 +1423,11 @@ def add_commands(commands) -> None:
 
     p = commands.add_parser(
         "paper",
-        parents=[common, _asr_parser(variants=None, samples=None, judge=None), _utility_parser()],
+        parents=[
+            common,
+            _asr_parser(variants=None, samples=None, judge=None, released_format=True),
+            _utility_parser(),
+        ],
         help="the paper's experiment with its settings, from data to report (resumable)",
         description="Wei et al. (ICML 2024) on a model: calibration of a safety and a utility "
         "set, eigenbases, then a sweep of top-q, Wanda/SNIP set differences and orthogonal "
@@ -1409,6 +1451,12 @@ def add_commands(commands) -> None:
     p.add_argument("--eos", action="store_true", help="count the EOS token after responses")
     p.add_argument("--text", help="a text file: perplexity per point")
     p.add_argument("--seed", type=int, default=0, help="of the calibration sample")
+    p.add_argument(
+        "--sampling",
+        choices=["pyattr", "datasets"],
+        help="how calibration rows are drawn (default datasets: shuffle(seed).select(range(n)),"
+        " the released code's)",
+    )
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--dry-run", action="store_true", help="print the plan; run nothing")
     p.add_argument("--gpus", type=int, default=1, help="for the plan and the prediction")

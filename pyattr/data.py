@@ -34,6 +34,7 @@ __all__ = [
     "load_prompts",
     "prompt_ids",
     "sample",
+    "SAMPLINGS",
 ]
 
 _WRAPPED = re.compile(r"\[INST\].*\[/INST\]", re.DOTALL)
@@ -190,10 +191,25 @@ def load_prompts(
     return prompts
 
 
-def sample(items: Sequence, n: int, seed: int = 0) -> list:
-    """``n`` items drawn without replacement, the same for the same seed."""
+SAMPLINGS = ("pyattr", "datasets")
+
+
+def sample(
+    items: Sequence, n: int, seed: int = 0, method: Literal["pyattr", "datasets"] = "pyattr"
+) -> list:
+    """``n`` items drawn without replacement, the same for the same seed. ``method``:
+    "pyattr" (Python's ``random.Random(seed).sample``) or "datasets": the rows
+    ``Dataset.shuffle(seed=seed).select(range(n))`` gives (numpy's ``default_rng(seed)``
+    permutation, its first n), what the released code did."""
     if not 0 <= n <= len(items):
         raise ValueError(f"cannot sample n={n} from {len(items)} examples")
+    if method == "datasets":
+        import numpy as np
+
+        order = np.random.default_rng(seed).permutation(len(items))[:n]
+        return [items[int(i)] for i in order]
+    if method != "pyattr":
+        raise ValueError(f"sampling must be one of {SAMPLINGS}, got {method!r}")
     return random.Random(seed).sample(list(items), n)
 
 

@@ -17,10 +17,13 @@ Wei et al. (ICML 2024) on any Hugging Face chat model, from one set of statistic
 ``--dry-run`` prints the grid, the data, the memory plan (``pyattr.capacity``) and a predicted
 time before anything runs. What the released code did, and the preset follows by default
 (``RELEASED``): the first 100 AdvBench prompts, lm-eval's limit of 200 documents per task, its
-keyword rule (its phrases, under 20 words a refusal), no EOS token counted. The grids are
-pyattr's: they span the paper's reported regions (~3% of weights, ~2.5% of ranks) and include
-the released README's settings (SNIP p = q = 10%; r_u = 3000, r_s = 4000 of R = 4096, here as
-fractions of each layer's R).
+keyword rule (its phrases, under 20 words a refusal), no EOS token counted, its prompt text
+(Llama-2's system prompt with one space between its paragraphs, a newline after each bare
+Adv-Decoding prompt: ``--no-released-format`` for pyattr's) and its calibration sample
+(``datasets``' ``shuffle(seed).select(range(n))``: ``--sampling pyattr`` for pyattr's).
+The grids are pyattr's: they span the paper's reported regions (~3% of weights, ~2.5% of
+ranks) and include the released README's settings (SNIP p = q = 10%; r_u = 3000, r_s = 4000
+of R = 4096, here as fractions of each layer's R).
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ class Preset:
     limit: float | None = 200  # lm-eval documents per task (the released code's)
     judge: str = "released"
     second_judge: str = "keyword"
+    sampling: str = "datasets"  # calibration rows: datasets' shuffle(seed).select(range(n))
 
 
 PAPER = Preset()

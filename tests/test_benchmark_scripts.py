@@ -109,3 +109,10 @@ def test_gpu_suite_dry_run(tmp_path, monkeypatch, capsys):
     if not torch.cuda.is_available():
         assert gpu.main(["--out", str(tmp_path / "g")]) == 2
         assert not (tmp_path / "g").exists()
+
+
+def test_toy_direction_smoke():
+    from benchmarks import toy_direction
+
+    out = toy_direction.main(["--quick"])
+    assert "chosen: block" in out and "random direction (seed 0)" in out

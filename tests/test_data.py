@@ -203,3 +203,16 @@ def test_load_from_a_saved_datasets_directory(tmp_path):
         )
     with pytest.raises(FileNotFoundError, match="no prompt file"):
         load_prompts(tmp_path / "missing.txt")
+
+
+def test_datasets_sampling_is_shuffle_then_select():
+    datasets = pytest.importorskip("datasets")
+    from pyattr.data import sample
+
+    rows = [{"i": i} for i in range(57)]
+    for seed in (0, 42):
+        want = datasets.Dataset.from_list(rows).shuffle(seed=seed).select(range(13))
+        assert sample(rows, 13, seed, "datasets") == list(want)
+    assert sample(rows, 13, 0) != sample(rows, 13, 0, "datasets")  # pyattr's own draw
+    with pytest.raises(ValueError, match="sampling must be one of"):
+        sample(rows, 3, 0, "numpy")

@@ -108,3 +108,46 @@ def test_orthogonalised_toy_answers_as_the_ablated_one(found):
     with ablated(model, selection.direction):
         b = generate(model, tokenizer, prompts[:8], max_new_tokens=MAX_NEW_TOKENS)
     assert a == b
+
+
+def test_command_line_direction_probe_and_overlap_map(tmp_path, capsys):
+    import json
+
+    from pyattr.__main__ import main
+
+    d = tmp_path
+    assert main(["direction", "find", "--out", str(d / "dir")]) == 0
+    printed = capsys.readouterr().out
+    assert "refusal direction: block" in printed
+    names = {p.name for p in (d / "dir").iterdir()}
+    assert {
+        "direction.safetensors",
+        "means.safetensors",
+        "candidates.csv",
+        "selection.png",
+    } <= names
+    assert "chosen" in (d / "dir" / "candidates.csv").read_text().splitlines()[0]
+    direction = str(d / "dir" / "direction.safetensors")
+
+    assert main(["direction", "apply", "--direction", direction, "--out", str(d / "m")]) == 0
+    evaluate = ["eval", "asr", "--model", str(d / "m"), "--max-new-tokens", "32"]
+    assert main([*evaluate, "--out", str(d / "asr")]) == 0
+    summary = json.loads((d / "asr" / "summary.json").read_text())
+    assert summary["asr"]["vanilla"] >= 0.5  # the aligned toy's is at most 0.1 (test above)
+
+    assert main(["probe", "--top-heads", "2", "--out", str(d / "probe")]) == 0
+    assert "best head: block" in capsys.readouterr().out
+    assert {"probe.json", "probe.csv", "probe.png", "heads.mask.safetensors"} <= {
+        p.name for p in (d / "probe").iterdir()
+    }
+    main(["calibrate", "--out", str(d / "s")])
+    main(["calibrate", "--toy-set", "utility", "--out", str(d / "u")])
+    args = ["analyze", "--safety", str(d / "s"), "--utility", str(d / "u"), "--out", str(d / "o")]
+    extra = ["--direction", direction, "--probe", str(d / "probe" / "probe.json")]
+    assert main([*args, *extra, "--overlap-r", "8"]) == 0
+    rows = (d / "o" / "overlap_map.csv").read_text().splitlines()
+    assert len(rows) == 1 + 4 and "probe_max" in rows[0] and (d / "o" / "overlap_map.png").exists()
+    with pytest.raises(SystemExit, match="needs --direction"):
+        main(["direction", "apply", "--out", str(d / "m2")])
+    with pytest.raises(SystemExit, match="--harmful is needed"):
+        main(["direction", "find", "--model", str(d / "elsewhere"), "--out", str(d / "x")])

@@ -50,6 +50,7 @@ from .judge import Judge, KeywordJudge
 
 __all__ = [
     "LLAMA2_SYSTEM_PROMPT",
+    "LLAMA2_SYSTEM_PROMPT_RELEASED",
     "VARIANTS",
     "VARIANT_TABLE",
     "AsrReport",
@@ -100,6 +101,8 @@ LLAMA2_SYSTEM_PROMPT = (
     "factually coherent, explain why instead of answering something not correct. If you don't "
     "know the answer to a question, please don't share false information."
 )
+# The released code's text of it: the two paragraphs joined by one space, not a blank line.
+LLAMA2_SYSTEM_PROMPT_RELEASED = LLAMA2_SYSTEM_PROMPT.replace("\n\n", " ")
 
 
 def load_suffixes(source: str | Path | Sequence[str]) -> list[str]:
@@ -185,13 +188,22 @@ def _jobs(variants: Sequence[str], n_suffixes: int, samples: int) -> list[_Job]:
     return jobs
 
 
-def _encode(tokenizer, prompt: str, job: _Job, suffixes: list[str], system_prompt) -> list[int]:
+def _encode(
+    tokenizer,
+    prompt: str,
+    job: _Job,
+    suffixes: list[str],
+    system_prompt,
+    bare_newline: bool = False,
+) -> list[int]:
     v = VARIANT_TABLE[job.variant]
     text = prompt if job.suffix is None else f"{prompt} {suffixes[job.suffix]}"
     if v.chat:
         return prompt_ids(
             tokenizer, text, system_prompt if v.system_prompt else None, wrapped=False
         )
+    if bare_newline:  # the released code's bare prompt: the request, stripped, then "\n"
+        text = text.strip() + "\n"
     bare = prompt_ids(tokenizer, text, None, wrapped=True)
     bos = tokenizer.bos_token_id
     chat_starts_with_bos = bos is not None and prompt_ids(tokenizer, text, None)[:1] == [bos]
@@ -380,6 +392,7 @@ def attack_success(
     out: str | Path | None = None,
     backend: Literal["hf", "vllm"] | Generator = "hf",
     vllm_options: dict | None = None,
+    bare_newline: bool = False,
     progress: bool = True,
 ) -> AsrReport:
     """ASR of ``model`` on harmful ``prompts`` (plain requests) in each of ``variants``.
@@ -395,6 +408,8 @@ def attack_success(
     ``Generator`` (yours stays open; one made here is closed at the end).
     prompts=None takes the held-out set a model carries in its config
     (``config.pyattr_harmful_prompts``: the toy model does), else it is an error.
+    bare_newline: end each bare-text prompt (Adv-Decoding) with a newline, as the released code
+    did (with ``LLAMA2_SYSTEM_PROMPT_RELEASED``, its prompts exactly).
     """
     for name, value in (("batch_size", batch_size), ("max_new_tokens", max_new_tokens)):
         if value is not None and (
@@ -420,7 +435,9 @@ def attack_success(
         check_finite(model)
     jobs = _jobs(variants, len(suffix_list), samples)
     encoded = {
-        job.key: [_encode(tokenizer, p, job, suffix_list, system_prompt) for p in prompts]
+        job.key: [
+            _encode(tokenizer, p, job, suffix_list, system_prompt, bare_newline) for p in prompts
+        ]
         for job in jobs
     }
     max_new_tokens = _new_tokens(model, encoded, max_new_tokens)
@@ -448,6 +465,8 @@ def attack_success(
         "prompts_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest(),
         "model": model_fingerprint(model),
     }
+    if bare_newline:  # only then: the digests of earlier runs stay what they were
+        config["bare_newline"] = True
     # The aggregation is not part of the digest: a run resumed with another one reuses the
     # responses it has.
     digest = config_digest({k: v for k, v in config.items() if "aggregate" not in k})

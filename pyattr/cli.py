@@ -399,7 +399,7 @@ def _judge(args):
     choice = args.judge
     if choice == "auto":
         choice = "toy-exact" if args.prompts is None else "keyword"
-    if choice in ("toy-exact", "released") and args.min_words is not None:
+    if choice != "keyword" and args.min_words is not None:
         raise SystemExit(f"pyattr: --min-words applies to --judge keyword only, not {choice}")
     if choice == "toy-exact":
         from pyattr.toy.judge import ExactJudge
@@ -407,7 +407,27 @@ def _judge(args):
         return ExactJudge()
     if choice == "released":
         return KeywordJudge.released()
-    return KeywordJudge(min_words=args.min_words)
+    if choice == "keyword":
+        return KeywordJudge(min_words=args.min_words)
+    return _model_judge(args, choice)
+
+
+_LOADED: dict = {}
+
+
+def _model_judge(args, spec: str):
+    """A judge by spec, loaded once per process (a sweep measures many points with it)."""
+    from pyattr.evaluate.judges import load_judge
+
+    template = getattr(args, "judge_template", None)
+    key = (spec, template)
+    if key not in _LOADED:
+        text = Path(template).read_text(encoding="utf-8") if template else None
+        try:
+            _LOADED[key] = load_judge(spec, template=text)
+        except (FileNotFoundError, ValueError) as exc:
+            raise SystemExit(f"pyattr: --judge {spec}: {exc}") from None
+    return _LOADED[key]
 
 
 def _asr_options(args) -> dict:
@@ -449,6 +469,18 @@ def _eval(args) -> int:
         report = attack_success(model, tok, out=args.out, **_asr_options(args))
         for variant, value in report.asr.items():
             print(f"ASR {variant}: {value:.3f}")
+        extra = [_model_judge(args, s) for s in args.extra_judges]
+        if extra:
+            from pyattr.evaluate.measure import judged_again
+            from pyattr.io import atomic_write
+
+            judged = judged_again(report, extra)
+            for name, row in judged["judges"].items():
+                asr = ", ".join(f"{v} {a:.3f}" for v, a in row["asr"].items())
+                print(f"judge {name}: ASR {asr}; kappa vs the first {row['kappa']:.3f}")
+            if args.out:
+                text = json.dumps(judged, indent=1) + "\n"
+                atomic_write(Path(args.out) / "judges.json", text)
         return 0
     from pyattr.evaluate import PAPER_TASKS, zero_shot
 
@@ -540,14 +572,16 @@ def _second_judge(args):
     """On the toy's own prompts, the other of the exact and keyword judges re-judges the same
     responses (the report shows their agreement); elsewhere the one a preset names (``pyattr
     paper``: the other keyword rule), or none."""
+    extra = [_model_judge(args, s) for s in getattr(args, "extra_judges", [])]
     if getattr(args, "second_judge", None) is not None:
-        return args.second_judge
+        return [args.second_judge, *extra]
     if args.prompts is not None:
-        return None
+        return extra or None
     from pyattr.evaluate import KeywordJudge
     from pyattr.toy.judge import ExactJudge
 
-    return KeywordJudge() if _judge(args).name == "toy-exact" else ExactJudge()
+    default = KeywordJudge() if _judge(args).name == "toy-exact" else ExactJudge()
+    return [default, *extra]
 
 
 def _measurement(args, tok, toy_model: bool):
@@ -1211,15 +1245,39 @@ def _utility_parser():
     return utility
 
 
+class _Judges(argparse.Action):
+    """--judge SPEC [SPEC ...]: the first decides ASR (``args.judge``), the others re-judge the
+    same responses (``args.extra_judges``); each is checked here, none is loaded."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from pyattr.evaluate.judges import check_judge_spec
+
+        try:
+            specs = [check_judge_spec(v) for v in values]
+        except ValueError as exc:
+            parser.error(str(exc))
+        if "auto" in specs[1:]:
+            parser.error("'auto' can only be the first judge")
+        namespace.judge, namespace.extra_judges = specs[0], specs[1:]
+
+
 def _judge_argument(parser, default: str | None = "auto") -> None:
     parser.add_argument(
         "--judge",
-        choices=["auto", "keyword", "released", "toy-exact"],
+        nargs="+",
+        action=_Judges,
         default=default,
-        help="who decides an attack succeeded (auto: toy-exact on the toy's own prompts, the "
-        "default, else keyword; released: the released code's phrases and its under-20-words "
-        "rule)",
+        metavar="JUDGE",
+        help="who decides an attack succeeded, and who else judges the same responses: auto "
+        "(toy-exact on the toy's own prompts, the default, else keyword), keyword, released "
+        "(the released code's phrases and under-20-words rule), toy-exact, or a model: "
+        "classifier:PATH, llamaguard:PATH, harmbench:PATH, strongreject:PATH[@BASE] (a graded "
+        "LoRA judge through peft); per-judge ASR and Cohen's kappa go in the results",
     )
+    parser.add_argument(
+        "--judge-template", help="a file with the prompt of a harmbench/strongreject judge"
+    )
+    parser.set_defaults(extra_judges=[])
 
 
 def add_commands(commands) -> None:

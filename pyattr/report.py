@@ -123,6 +123,9 @@ def summary_rows(rows: list[dict]) -> list[dict]:
             flat["judge agreement"] = second["agreement"]
             if "kappa" in second:
                 flat["Cohen's kappa"] = second["kappa"]
+        for name, judged in list(row.get("judges", {}).items())[2:]:  # a third judge and on
+            flat |= {f"ASR {k} ({name})": v for k, v in judged["asr"].items()}
+            flat[f"Cohen's kappa ({name})"] = judged["kappa"]
         flat["utility"] = "" if row.get("utility") is None else row["utility"]
         if row.get("perplexity") is not None:
             flat["perplexity"] = row["perplexity"]

@@ -141,3 +141,169 @@ def test_cohen_kappa_against_a_hand_count():
     assert cohen_kappa([True, False], [False, True]) == pytest.approx(-1.0)
     with pytest.raises(ValueError, match="cannot compare 2 verdicts with 1"):
         cohen_kappa([True, False], [True])
+
+
+# ----------------------------------------------------------------------------------------------
+# Judges by name (--judge KIND:PATH), on tiny local model folders
+
+
+def _judge_tokenizer():
+    """A word-level tokenizer that knows the answer words of every model judge."""
+    from test_data import TEMPLATE, WORDS
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = WORDS + ["safe", "unsafe", "Yes", "No", "1", "2", "3", "4", "5", "Answer:"]
+    words = list(dict.fromkeys(words))
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+    )
+    tok.chat_template = TEMPLATE
+    return tok
+
+
+def _folder(tmp_path, name, model, tok):
+    model.save_pretrained(tmp_path / name)
+    tok.save_pretrained(tmp_path / name)
+    return str(tmp_path / name)
+
+
+def _tiny_lm(tok, seed=0):
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        vocab_size=len(tok.get_vocab()),
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=1024,
+    )
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def _graded_reference(model, tok, template, prompts, responses):
+    """Expected grade of each pair, one pair at a time, from the full softmax."""
+    ids = [tok.convert_tokens_to_ids(g) for g in "12345"]
+    out = []
+    for p, r in zip(prompts, responses, strict=True):
+        x = torch.tensor([tok(template.format(prompt=p, response=r))["input_ids"]])
+        with torch.no_grad():
+            probs = model(input_ids=x).logits[0, -1].double().softmax(-1)[ids]
+        probs = probs / probs.sum()
+        out.append(float((probs * torch.arange(5, dtype=torch.float64)).sum() / 4))
+    return out
+
+
+def test_every_judge_kind_loads_from_a_folder(tmp_path):
+    from pyattr.evaluate.judges import HARMBENCH_TEMPLATE, GradedJudge, load_judge
+
+    tok = _judge_tokenizer()
+    lm = _folder(tmp_path, "lm", _tiny_lm(tok), tok)
+    classifier, ctok = tiny_classifier()
+    cls = _folder(tmp_path, "cls", classifier.float(), ctok)
+
+    judge = load_judge(f"classifier:{cls}")
+    assert judge.name == f"classifier:{cls}" and judge.harmful_label == 1
+    direct = ClassifierJudge(classifier.float(), ctok, harmful_label=1)
+    assert judge.successes(PROMPTS, RESPONSES) == direct.successes(PROMPTS, RESPONSES)
+
+    model = _tiny_lm(tok)
+    guard = load_judge(f"llamaguard:{lm}")
+    expected = CausalLMJudge(model, tok).probabilities(PROMPTS, RESPONSES)
+    assert guard.probabilities(PROMPTS, RESPONSES) == pytest.approx(expected, abs=1e-6)
+    harm = load_judge(f"harmbench:{lm}")
+    direct = CausalLMJudge(model, tok, template=HARMBENCH_TEMPLATE, yes="Yes", no="No")
+    assert harm.probabilities(PROMPTS, RESPONSES) == pytest.approx(
+        direct.probabilities(PROMPTS, RESPONSES), abs=1e-6
+    )
+    graded = load_judge(f"strongreject:{lm}")  # a merged grader: a plain model folder
+    assert isinstance(graded, GradedJudge)
+    reference = _graded_reference(model, tok, graded.template, PROMPTS, RESPONSES)
+    assert graded.scores(PROMPTS, RESPONSES) == pytest.approx(reference, abs=1e-6)
+
+
+def test_strongreject_lora_judge_through_peft(tmp_path):
+    peft = pytest.importorskip("peft")
+    from pyattr.evaluate.judges import load_judge
+
+    tok = _judge_tokenizer()
+    base = _folder(tmp_path, "base", _tiny_lm(tok), tok)
+    lora = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"])
+    tuned = peft.get_peft_model(_tiny_lm(tok), lora)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name, p in tuned.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 3.0)  # a trained adapter is not the identity
+    tuned.save_pretrained(tmp_path / "adapter")
+    judge = load_judge(f"strongreject:{tmp_path / 'adapter'}@{base}")
+    reference = _graded_reference(tuned.eval(), tok, judge.template, PROMPTS, RESPONSES)
+    scores = judge.scores(PROMPTS, RESPONSES)
+    assert scores == pytest.approx(reference, abs=1e-5)
+    assert all(0 <= s <= 1 for s in scores)
+    plain = _graded_reference(_tiny_lm(tok), tok, judge.template, PROMPTS, RESPONSES)
+    assert max(abs(a - b) for a, b in zip(scores, plain, strict=True)) > 1e-3  # the adapter acts
+    assert judge.successes(PROMPTS, RESPONSES) == [s > 0.5 for s in scores]
+    with pytest.raises(FileNotFoundError, match="name one with strongreject:ADAPTER@BASE"):
+        load_judge(f"strongreject:{tmp_path / 'adapter'}@{tmp_path / 'nothing'}")
+
+
+def test_judge_specs_are_checked_before_anything_loads(tmp_path):
+    from pyattr.evaluate.judges import GradedJudge, check_judge_spec, load_judge
+
+    for good in ("keyword", "released", "toy-exact", "auto", "harmbench:/x"):
+        assert check_judge_spec(good) == good
+    for bad in ("llama", "harmbench:", "gpt4:/x", ":x"):
+        with pytest.raises(ValueError, match="KIND:PATH"):
+            check_judge_spec(bad)
+    with pytest.raises(FileNotFoundError, match="not a local model folder"):
+        load_judge(f"classifier:{tmp_path}")
+    tok = _judge_tokenizer()
+    with pytest.raises(ValueError, match="distinct tokens"):
+        GradedJudge(_tiny_lm(tok), tok, grades=("1", "1"))
+    with pytest.raises(ValueError, match="needs both"):
+        GradedJudge(_tiny_lm(tok), tok, template="{prompt}")
+
+
+def test_several_judges_give_per_judge_asr_and_pairwise_kappa(tmp_path, capsys):
+    import json
+
+    from pyattr.__main__ import main
+    from pyattr.evaluate import KeywordJudge, Measurement, cohen_kappa
+
+    model, tok = tiny_llama(torch.float32), tokenizer()
+    judge = CausalLMJudge(tiny_llama(torch.float64), tok, yes="sure", no="no", name="lm")
+    options = {"prompts": PROMPTS, "judge": KeywordJudge(), "max_new_tokens": 4}
+    options |= {"system_prompt": None}
+    row = Measurement(tok, options, second_judge=[KeywordJudge.released(), judge])(model)
+    released = KeywordJudge.released().name
+    assert list(row["judges"]) == ["keyword", released, "lm"]
+    assert row["asr_second"]["judge"] == released
+    report = attack_success(model, tok, progress=False, **options)
+    verdicts = [r["success"] for r in report.records]
+    lm = judge.successes(PROMPTS, [r["response"] for r in report.records])
+    assert row["judges"]["lm"]["asr"]["vanilla"] == sum(lm) / len(lm)
+    assert row["judges"]["lm"]["kappa"] == pytest.approx(cohen_kappa(verdicts, lm))
+    pairs = {f"keyword | {released}", "keyword | lm", f"{released} | lm"}
+    assert set(row["kappa_pairs"]) == pairs
+    from pyattr.report import summary_rows
+
+    flat = summary_rows([{"edit": "none", "params": {}, "removed": 0, "unit": "weights", **row}])
+    assert "ASR vanilla (lm)" in flat[0] and "Cohen's kappa (lm)" in flat[0]
+
+    # the command line: several judges at once, a model judge among them
+    cls, ctok = tiny_classifier()
+    folder = _folder(tmp_path, "cls", cls.float(), ctok)
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    (tmp_path / "p.txt").write_text("\n".join(PROMPTS) + "\n")
+    args = ["eval", "asr", "--model", str(tmp_path / "m"), "--prompts", str(tmp_path / "p.txt")]
+    args += ["--max-new-tokens", "4", "--no-system-prompt", "--out", str(tmp_path / "asr")]
+    assert main([*args, "--judge", "keyword", "released", f"classifier:{folder}"]) == 0
+    judged = json.loads((tmp_path / "asr" / "judges.json").read_text())
+    assert list(judged["judges"]) == ["keyword", released, f"classifier:{folder}"]
+    assert f"judge classifier:{folder}: ASR vanilla" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main([*args, "--judge", "keyword", "gpt4:/x"])

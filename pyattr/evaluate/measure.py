@@ -8,7 +8,7 @@ function of the model: zero-shot accuracy, the toy's own task) and perplexity on
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from torch import nn
@@ -16,14 +16,18 @@ from torch import nn
 from .asr import rejudge
 from .judge import Judge, agreement, cohen_kappa
 
-__all__ = ["Measurement"]
+__all__ = ["Measurement", "judged_again"]
 
 
 class Measurement:
-    """``measurement(model)`` → ``{"asr", ["asr_second"], "utility", ["perplexity"]}``.
+    """``measurement(model)`` → ``{"asr", ["asr_second", "judges", "kappa_pairs"], "utility",
+    ["perplexity"]}``.
 
     asr: keyword arguments of ``attack_success`` (prompts, variants, judge, ...); second_judge:
-    re-judges the same responses; utility: model → accuracy; text: a file for perplexity.
+    a judge or a list of judges that re-judge the same responses (``asr_second`` is the first
+    one's, for the report's columns; ``judges`` has every judge's ASR with its agreement and
+    Cohen's kappa against the first judge, ``kappa_pairs`` kappa for every pair of judges);
+    utility: model → accuracy; text: a file for perplexity.
     """
 
     def __init__(
@@ -31,11 +35,18 @@ class Measurement:
         tokenizer,
         asr: dict,
         *,
-        second_judge: Judge | None = None,
+        second_judge: Judge | Sequence[Judge] | None = None,
         utility: Callable[[nn.Module], float] | None = None,
         text: str | Path | None = None,
     ) -> None:
-        self.tokenizer, self.asr, self.second_judge = tokenizer, dict(asr), second_judge
+        if second_judge is None:
+            others: list[Judge] = []
+        elif isinstance(second_judge, Judge):
+            others = [second_judge]
+        else:
+            others = list(second_judge)
+        self.tokenizer, self.asr, self.others = tokenizer, dict(asr), others
+        self.second_judge = others[0] if others else None
         self.utility, self.text = utility, text
 
     def __call__(self, model: nn.Module) -> dict:
@@ -43,19 +54,38 @@ class Measurement:
 
         report = evaluate.attack_success(model, self.tokenizer, progress=False, **self.asr)
         row: dict = {"asr": report.asr}
-        if self.second_judge is not None:
-            second = rejudge(report, self.second_judge)
-            first_verdicts = [r["success"] for r in report.records]
-            second_verdicts = [r["success"] for r in second.records]
-            row["asr_second"] = {
-                "judge": second.config["judge"],
-                "asr": second.asr,
-                "agreement": agreement(first_verdicts, second_verdicts),
-                "kappa": cohen_kappa(first_verdicts, second_verdicts),
-            }
+        if self.others:
+            row |= judged_again(report, self.others)
         row["utility"] = None if self.utility is None else self.utility(model)
         if self.text is not None:
             from .perplexity import perplexity
 
             row["perplexity"] = perplexity(model, self.tokenizer, Path(self.text))
         return row
+
+
+def judged_again(report, others: Sequence[Judge]) -> dict:
+    """``report``'s responses re-judged by each of ``others``: ``asr_second`` (the first
+    other's ASR, agreement and kappa against the report's judge), ``judges`` (the same for
+    every judge, the report's own included) and ``kappa_pairs`` (Cohen's kappa per pair)."""
+    verdicts = {report.config["judge"]: [r["success"] for r in report.records]}
+    judges = {report.config["judge"]: {"asr": report.asr, "agreement": 1.0, "kappa": 1.0}}
+    first = verdicts[report.config["judge"]]
+    for judge in others:
+        again = rejudge(report, judge)
+        name = again.config["judge"]
+        verdicts[name] = [r["success"] for r in again.records]
+        judges[name] = {
+            "asr": again.asr,
+            "agreement": agreement(first, verdicts[name]),
+            "kappa": cohen_kappa(first, verdicts[name]),
+        }
+    names = list(verdicts)
+    second = names[1]
+    row = {"asr_second": {"judge": second, **judges[second]}, "judges": judges}
+    row["kappa_pairs"] = {
+        f"{a} | {b}": cohen_kappa(verdicts[a], verdicts[b])
+        for i, a in enumerate(names)
+        for b in names[i + 1 :]
+    }
+    return row

@@ -32,8 +32,10 @@ TEMPLATE = (
 )
 
 
-def tokenizer(chat_template: str | None = TEMPLATE) -> PreTrainedTokenizerFast:
-    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+def tokenizer(chat_template: str | None = TEMPLATE, extra: tuple = ()) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over ``WORDS`` (and ``extra`` words after them)."""
+    words = list(dict.fromkeys([*WORDS, *extra]))
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok = PreTrainedTokenizerFast(
         tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"

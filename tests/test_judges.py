@@ -149,19 +149,7 @@ def test_cohen_kappa_against_a_hand_count():
 
 def _judge_tokenizer():
     """A word-level tokenizer that knows the answer words of every model judge."""
-    from test_data import TEMPLATE, WORDS
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = WORDS + ["safe", "unsafe", "Yes", "No", "1", "2", "3", "4", "5", "Answer:"]
-    words = list(dict.fromkeys(words))
-    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
-    )
-    tok.chat_template = TEMPLATE
-    return tok
+    return tokenizer(extra=("safe", "unsafe", "Yes", "No", "1", "2", "3", "4", "5", "Answer:"))
 
 
 def _folder(tmp_path, name, model, tok):

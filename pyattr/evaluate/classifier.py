@@ -121,6 +121,22 @@ class ClassifierJudge:
         return (logits.softmax(-1)[:, self.harmful_label] > self.threshold).tolist()
 
 
+def last_logits(model: nn.Module, tokenizer, rows: list[list[int]], batch_size: int):
+    """The next-token logits (B, vocab), at least fp32, after each judge input of ``rows``,
+    ``batch_size`` at a time, left-padded; every input is checked against the judge's
+    context first."""
+    context = context_length(model)
+    for i, row in enumerate(rows):
+        if context is not None and len(row) > context:
+            raise ValueError(
+                f"judge input {i} has {len(row)} tokens, over the judge's context of {context}"
+            )
+    pad, device = pad_id(tokenizer), input_device(model)
+    for start in range(0, len(rows), batch_size):
+        batch = _left_padded(rows[start : start + batch_size], pad, device)
+        yield _widened(model(**batch, use_cache=False).logits[:, -1])
+
+
 class CausalLMJudge:
     """A causal LM judge's verdict from the next-token logits of two answer words.
 
@@ -172,17 +188,8 @@ class CausalLMJudge:
         """P(yes) / (P(yes) + P(no)) at the first answer position, per pair."""
         _pairs(prompts, responses)
         rows = [self._ids(p, r) for p, r in zip(prompts, responses, strict=True)]
-        context = context_length(self.model)
-        for i, row in enumerate(rows):
-            if context is not None and len(row) > context:
-                raise ValueError(
-                    f"judge input {i} has {len(row)} tokens, over the judge's context of {context}"
-                )
-        pad, device = pad_id(self.tokenizer), input_device(self.model)
         out: list[float] = []
-        for start in range(0, len(rows), self.batch_size):
-            batch = _left_padded(rows[start : start + self.batch_size], pad, device)
-            last = _widened(self.model(**batch, use_cache=False).logits[:, -1])
+        for last in last_logits(self.model, self.tokenizer, rows, self.batch_size):
             pair = torch.stack([last[:, self.yes_id], last[:, self.no_id]], dim=1)
             out += pair.softmax(-1)[:, 0].tolist()
         return out

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -104,6 +104,7 @@ def calibrate(
     max_memory: Budget = None,
     layerwise: bool = False,
     device: str | torch.device | None = None,
+    after_block: Callable[[int, Stats], None] | None = None,
 ) -> Stats:
     """Statistics of ``examples`` for every linear layer: ``Example`` pairs, already encoded
     sequences, or a file or saved data set that ``data.load_pairs`` reads (its default
@@ -129,6 +130,10 @@ def calibrate(
     where it is: for models larger than the accelerator. Norms and covariance only; for SNIP
     across several GPUs load the model with accelerate's ``device_map`` instead (every weight
     must be resident on some device; offloaded weights are an error).
+    after_block: with layerwise, ``after_block(block, stats)`` is called once each block's
+    statistics are complete (``stats`` holds that block's layers only) and before its outputs
+    go on to the next block, so an edit it makes to the block shapes every later block's
+    statistics: the released code's sequential pruning (``pyattr.sequential``).
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -137,6 +142,8 @@ def calibrate(
     if unknown:
         raise ValueError(f"collect must be among {_COLLECT}, got {unknown}")
     snip = any(c in collect for c in GRADIENT_STATISTICS)
+    if after_block is not None and not layerwise:
+        raise ValueError("after_block needs layerwise=True (the blocks run one at a time)")
     if layerwise and snip:
         raise ValueError(
             "SNIP needs a backward pass through the whole model, which layerwise mode does not "
@@ -149,6 +156,8 @@ def calibrate(
     if distributed is None:
         distributed = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    if after_block is not None and world > 1:
+        raise ValueError("after_block edits from one process's statistics: not distributed")
     layers = list(layers) if layers is not None else find_linear_layers(model)
     _check_resident(layers, snip)
     exec_device = execution_device(device) if layerwise else None
@@ -183,6 +192,25 @@ def calibrate(
     pad = pad_id(tokenizer, fallback=0)  # padding is never attended to nor counted
     batches = [_collate(b, pad) for b in _batches(encoded, 1 if snip else batch_size)]
     run = _Run(model, groups, layers, collect, accumulate_dtype, exec_device, batches)
+    samples = len(encoded)
+    tokens = sum(int(e.counted.sum()) for e in encoded)
+
+    def stats_of(keys: Sequence[str]) -> Stats:
+        """The statistics of the input groups ``keys`` (one block's), as a ``Stats``."""
+        names = [layer.name for key in keys for layer in run.groups[key]]
+        return Stats(
+            groups={k: run.results[k] for k in keys},
+            layer_group={n: layer_group[n] for n in names},
+            shapes={n: (run.layers[n].d_out, run.layers[n].d_in) for n in names},
+            grad_abs={},
+            grad_sum={},
+            samples=samples,
+            tokens=tokens,
+            architecture=type(model).__name__,
+        )
+
+    if after_block is not None:
+        run.after_block = lambda block, keys: after_block(block, stats_of(keys))
     bar = _progress(len(batches) * len(plan.passes), progress and rank == 0)
     was_training = model.training
     model.eval()
@@ -197,8 +225,6 @@ def calibrate(
             bar.close()
         model.train(was_training)
     results, grads = run.results, run.grads
-    samples = len(encoded)
-    tokens = sum(int(e.counted.sum()) for e in encoded)
     if distributed:
         results, samples, tokens = _all_reduce(results, grads, samples, tokens)
     return Stats(
@@ -243,6 +269,9 @@ class _Run:
         self.current: dict[str, torch.Tensor] = {}
         self.tokens_run = 0
         self.start = time.perf_counter()
+        # layerwise: called with (block, its group keys) once its statistics are complete,
+        # before its outputs move on (a sequential edit changes the block first)
+        self.after_block: Callable[[int, list[str]], None] | None = None
 
     def _accumulators(self, items: Sequence[Item]) -> tuple[dict, list]:
         """StreamingCovariance per group of ``items``, fed by forward pre-hooks."""
@@ -339,13 +368,19 @@ class _Run:
                 if b:
                     self._tick(bar, self.batches[b - 1][2])
 
+            last = last_pass_of[block] == number
+            edit = last and self.after_block is not None
             try:
-                runner.run(block, before, advance=last_pass_of[block] == number)
+                runner.run(block, before, advance=last and not edit)
                 self._tick(bar, self.batches[-1][2])
             finally:
                 for handle in handles:
                     handle.remove()
             self._finish(accs, offload=True)
+            if edit:
+                keys = [i.key for p in plan.passes if p[0].block == block for i in p]
+                self.after_block(block, [k for k in keys if k in self.groups])
+                runner.run(block, lambda b: None, advance=True)  # the edited block's outputs
 
 
 def _all_reduce(results, grads, samples, tokens):

@@ -244,6 +244,8 @@ def _mask(args) -> int:
     from pyattr import scores
     from pyattr.masks import region
 
+    if args.sequential:
+        return _sequential_mask(args)
     if args.safety is None and scores.get(args.score).collect is not None:
         raise SystemExit(f"pyattr: --score {args.score} needs --safety statistics")
     check_file_out(args.out, "region.mask.safetensors")
@@ -270,6 +272,48 @@ def _mask(args) -> int:
     if counts:
         mean = sum(c.jaccard for c in counts.values()) / len(counts)
         print(f"mean Jaccard index of the two top sets: {mean:.3f}")
+    return 0
+
+
+def _sequential_mask(args) -> int:
+    """mask --sequential: the released code's top-down pruning, from the data itself."""
+    import pyattr
+    from pyattr.data import load_pairs
+    from pyattr.sequential import sequential_region
+
+    if args.utility is not None or args.p is not None:
+        raise SystemExit(
+            "pyattr: --sequential takes top (or --bottom) regions, not set differences"
+        )
+    _toy_default(args, "--data", "the calibration pairs the blocks are pruned on")
+    check_file_out(args.out, "region.mask.safetensors")
+    if args.pruned_out is not None:
+        check_model_out(args.pruned_out, args.model)
+    model, tok = load_model(args.model, args.dtype)
+    if args.data is None:
+        from pyattr import toy
+
+        args.data = str(toy.data()["safety_calibration"])
+    try:
+        mask = sequential_region(
+            model,
+            tok,
+            load_pairs(args.data),
+            score=args.score,
+            q=args.q,
+            largest=not args.bottom,
+            granularity=args.granularity,
+            batch_size=args.batch_size,
+        )
+    except ValueError as exc:
+        raise SystemExit(f"pyattr: {exc}") from None
+    options = {k: getattr(args, k) for k in ("score", "q", "granularity", "bottom", "data")}
+    path = pyattr.save_mask(
+        mask, args.out, model_id=args.model, options=options | {"sequential": True}
+    )
+    print(f"sequential mask of {mask.sparsity()['overall']:.2%} of the weights: {path}")
+    if args.pruned_out is not None:
+        print(f"the pruned model: {save_model(model, tok, args.pruned_out, args.model)}")
     return 0
 
 
@@ -1345,6 +1389,15 @@ def add_commands(commands) -> None:
     p.add_argument("--p", type=float, help="top fraction for utility (with --utility)")
     p.add_argument("--granularity", choices=["row", "matrix"], default="row")
     p.add_argument("--bottom", action="store_true", help="the least important instead")
+    p.add_argument(
+        "--sequential",
+        action="store_true",
+        help="the released code's top-down mode: each block's statistics from --data after the "
+        "blocks above it are pruned (wanda or magnitude; no --safety needed)",
+    )
+    p.add_argument("--data", help="--sequential: the pairs to calibrate on (default: the toy's)")
+    p.add_argument("--batch-size", type=_positive, default=1, help="--sequential: per forward")
+    p.add_argument("--pruned-out", help="--sequential: also save the pruned model folder")
     p.add_argument("--out", required=True, help="mask file (.safetensors)")
     p.set_defaults(run=_mask)
 

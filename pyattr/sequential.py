@@ -31,6 +31,25 @@ def _layers(model: nn.Module, layers: Sequence[LinearLayer] | None) -> list[Line
     return list(layers) if layers is not None else find_linear_layers(model)
 
 
+def _blockwise(model, tokenizer, examples, collect, layers, edit, device, progress, options):
+    """One layer-by-layer calibration whose ``edit(block, stats)`` runs before each block's
+    outputs move on."""
+    from .calibrate import calibrate
+
+    calibrate(
+        model,
+        tokenizer,
+        examples,
+        collect=collect,
+        layers=layers,
+        layerwise=True,
+        device=device,
+        after_block=edit,
+        progress=progress,
+        **options,
+    )
+
+
 def sequential_region(
     model: nn.Module,
     tokenizer,
@@ -51,7 +70,6 @@ def sequential_region(
     the model is left pruned. Returns the mask. ``calibrate_options``: ``calibrate``'s
     (batch_size, max_length, eos, count, system_prompt, ...)."""
     from . import scores
-    from .calibrate import calibrate
     from .edit import prune as zero
 
     method = scores.get(score)
@@ -72,17 +90,8 @@ def sequential_region(
             zero(model, found)
         masks.update({name: m.cpu() for name, m in found.masks.items()})
 
-    calibrate(
-        model,
-        tokenizer,
-        examples,
-        collect=("norms",),
-        layers=chosen,
-        layerwise=True,
-        device=device,
-        after_block=edit,
-        progress=progress,
-        **calibrate_options,
+    _blockwise(
+        model, tokenizer, examples, ("norms",), chosen, edit, device, progress, calibrate_options
     )
     return Mask({layer.name: masks[layer.name] for layer in chosen})
 
@@ -102,7 +111,6 @@ def sequential_actsvd(
     """ActSVD block by block: each block's eigenbases from the covariance of the model whose
     earlier blocks are already projected, its top ``r`` safety ranks removed (or kept only)
     before the next block runs; in place. Returns the ``RankEdit`` of all layers."""
-    from .calibrate import calibrate
     from .lowrank import RankEdit, edit_ranks, eigenbases
 
     chosen = _layers(model, layers)
@@ -114,16 +122,8 @@ def sequential_actsvd(
         report = edit_ranks(model, mode, bases, r=r, layers=[layer.name for layer in mine])
         done.update(report.layers)
 
-    calibrate(
-        model,
-        tokenizer,
-        examples,
-        collect=("norms", "covariance"),
-        layers=chosen,
-        layerwise=True,
-        device=device,
-        after_block=edit,
-        progress=progress,
-        **calibrate_options,
+    collect = ("norms", "covariance")
+    _blockwise(
+        model, tokenizer, examples, collect, chosen, edit, device, progress, calibrate_options
     )
     return RankEdit({layer.name: done[layer.name] for layer in chosen})

@@ -717,7 +717,9 @@ def _sweep(args) -> int:
     return _run_sweep(args, _sweep_points(args))
 
 
-def _run_sweep(args, points: list, *, model=None, tok=None, notes: list[str] = ()) -> int:
+def _run_sweep(
+    args, points: list, *, model=None, tok=None, notes: list[str] = (), calibration=None
+) -> int:
     """The sweep of ``points`` with the sweep's arguments (``pyattr sweep`` and ``pyattr
     paper``): inputs checked, the results table resumed, each point measured, the report."""
     from pyattr.report import write_report
@@ -810,6 +812,7 @@ def _run_sweep(args, points: list, *, model=None, tok=None, notes: list[str] = (
         source=source,
         bases=_bases(args, model),
         direction=direction,
+        calibration=calibration,
     )
     rows = run_points(editor, points, table, _measurement(args, tok, toy_model))
     report_config = config | ({"notes": list(notes)} if notes else {})
@@ -1020,6 +1023,7 @@ def _paper_preset(args):
         judge=args.judge,
         eos=True if args.eos else None,
         sampling=args.sampling,
+        sequential=args.sequential,
     )
 
 
@@ -1049,11 +1053,13 @@ def _paper(args) -> int:
         check_tasks(list(preset.tasks), args.include_path)
     model, tok = load_model(args.model, args.dtype)
     paths = paper.statistics_paths(args.out)
+    calibration = {}
     for role in ("safety", "utility"):
-        if paths[role].exists():
-            continue
         pairs = load_pairs(files[role])
         pairs = sample(pairs, min(preset.samples, len(pairs)), args.seed, preset.sampling)
+        calibration[role] = pairs  # the sequential points calibrate on the same sample
+        if paths[role].exists():
+            continue
         print(f"{role}: calibrating on {len(pairs)} pairs of {files[role]}")
         stats = pyattr.calibrate(model, tok, pairs, collect=preset.collect, eos=preset.eos)
         pyattr.save_stats(stats, paths[role])
@@ -1114,7 +1120,15 @@ def _paper(args) -> int:
             "The safety set is the released short set of Llama-2-7b-chat's refusals: for "
             "another model, make its own with `pyattr data safety --model M`."
         )
-    return _run_sweep(sweep, points, model=model, tok=tok, notes=notes)
+    if any(p.params.get("sequential") for p in points):
+        notes.append(
+            "Wanda's top-q points prune block by block as the released code did (each block's "
+            "statistics after the blocks above it were pruned); SNIP's and every set "
+            "difference are one pass from the unedited model (--no-sequential: all one pass)."
+        )
+    return _run_sweep(
+        sweep, points, model=model, tok=tok, notes=notes, calibration=(tok, calibration["safety"])
+    )
 
 
 def _paper_dry_run(args, preset, points, files) -> int:
@@ -1567,6 +1581,12 @@ def add_commands(commands) -> None:
         choices=["pyattr", "datasets"],
         help="how calibration rows are drawn (default datasets: shuffle(seed).select(range(n)),"
         " the released code's)",
+    )
+    p.add_argument(
+        "--sequential",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="Wanda's top-q points pruned block by block, as the released code (the default)",
     )
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--dry-run", action="store_true", help="print the plan; run nothing")

@@ -5,7 +5,8 @@ A point of a sweep is an edit's name and its parameters; the edit checks them be
 and applies itself to a copy of the editor's model:
 
     none            the model as it is
-    top             prune the top-q safety weights (score, q)
+    top             prune the top-q safety weights (score, q; sequential: block by block as the
+                    released code, from the editor's calibration pairs)
     set_difference  prune top_q(safety) \\ top_p(utility) (score, p, q)
     random_weights  a random region as large as that set difference (score, p, q)
     actsvd_remove   remove the top r safety ranks (r)
@@ -114,11 +115,30 @@ def _mask(editor: Editor, model: nn.Module, region: str, p: dict):
     raise ValueError(f"region must be one of {REGIONS[1:]}, got {region!r}")
 
 
+def _sequential_top(editor: Editor, model: nn.Module, p: dict) -> float:
+    """The released code's top-down pruning (``pyattr.sequential``) on the editor's
+    calibration pairs: each block's region found after the blocks above it are pruned."""
+    from .sequential import sequential_region
+
+    if editor.calibration is None:
+        raise ValueError(
+            "sequential points need the pairs to calibrate on: Editor(..., calibration="
+            "(tokenizer, pairs))"
+        )
+    tokenizer, pairs = editor.calibration
+    mask = sequential_region(
+        model, tokenizer, pairs, score=row_score(p, "wanda"), q=p["q"], progress=False
+    )
+    return mask.sparsity()["overall"]
+
+
 def _pruned(region: str, random: bool = False):
     def apply(editor: Editor, model: nn.Module, p: dict) -> float:
         from .edit import prune
         from .masks import random_like
 
+        if p.get("sequential"):
+            return _sequential_top(editor, model, p)
         mask = _mask(editor, model, region, p)
         if random:
             mask = random_like(mask, seed=0)
@@ -216,7 +236,14 @@ def _direction(random: bool):
 _SCORE = ("score",)
 for _edit in (
     Edit("none", "baseline", "weights", (), lambda editor, model, p: 0.0),
-    Edit("top", "top safety weights", "weights", ("q",), _pruned("top_safety"), _SCORE),
+    Edit(
+        "top",
+        "top safety weights",
+        "weights",
+        ("q",),
+        _pruned("top_safety"),
+        ("score", "sequential"),
+    ),
     Edit(
         "set_difference",
         "set difference",

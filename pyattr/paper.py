@@ -57,6 +57,7 @@ class Preset:
     judge: str = "released"
     second_judge: str = "keyword"
     sampling: str = "datasets"  # calibration rows: datasets' shuffle(seed).select(range(n))
+    sequential: bool = True  # Wanda top-q block by block, as the released code pruned
 
 
 PAPER = Preset()
@@ -76,7 +77,10 @@ def preset_points(preset: Preset) -> list:
 
     points = [Point("none")]
     for score in preset.scores:
-        points += [Point("top", {"score": score, "q": q}) for q in preset.top]
+        # the released code pruned top-down; pyattr's layer-by-layer runner does it for the
+        # scores of forward passes (Wanda), SNIP's top-q stays one pass
+        sequential = {"sequential": True} if preset.sequential and score == "wanda" else {}
+        points += [Point("top", {"score": score, "q": q} | sequential) for q in preset.top]
         for p, q in preset.set_difference:
             points.append(Point("set_difference", {"score": score, "p": p, "q": q}))
             if preset.controls:

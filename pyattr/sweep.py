@@ -93,8 +93,9 @@ class Editor:
     attack). The eigenbases are computed once, on first use, from the statistics' covariances,
     unless given (``bases``: [safety] or [safety, utility], e.g. from ``pyattr lowrank eigen``).
     ``attack``: what fine-tuning points train on; ``source``: the model rewind points copy
-    from; ``direction``: the refusal direction (d,) that direction points orthogonalise (each
-    needed only by those points)."""
+    from; ``direction``: the refusal direction (d,) that direction points orthogonalise;
+    ``calibration``: (tokenizer, safety pairs) that sequential points calibrate on (each needed
+    only by those points)."""
 
     def __init__(
         self,
@@ -106,9 +107,11 @@ class Editor:
         source: nn.Module | None = None,
         bases: list | None = None,
         direction: torch.Tensor | None = None,
+        calibration: tuple | None = None,
     ) -> None:
         self.model, self.safety, self.utility = model, safety, utility
         self.attack, self.source, self.direction = attack, source, direction
+        self.calibration = calibration
         self._bases = bases
 
     @property

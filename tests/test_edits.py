@@ -85,6 +85,24 @@ def test_direction_points_orthogonalise_the_editor_direction(subject, gen):
         torch.testing.assert_close(edited(input_ids=ids).logits, expected, atol=2e-6, rtol=1e-4)
 
 
+def test_sequential_top_points_prune_block_by_block(subject):
+    from pyattr.sequential import sequential_region
+
+    model, safety, utility = subject
+    point = Point("top", {"score": "wanda", "q": 0.2, "sequential": True})
+    with pytest.raises(ValueError, match="need the pairs to calibrate on"):
+        Editor(model, safety, utility).edited(point)
+    tok = tokenizer()
+    edited, removed, _ = Editor(model, safety, utility, calibration=(tok, SAFETY)).edited(point)
+    reference = copy.deepcopy(model)
+    mask = sequential_region(reference, tok, SAFETY, q=0.2, progress=False)
+    assert removed == pytest.approx(mask.sparsity()["overall"])
+    for a, b in zip(
+        pyattr.find_linear_layers(edited), pyattr.find_linear_layers(reference), strict=True
+    ):
+        assert torch.equal(a.weight, b.weight)
+
+
 def test_each_edit_removes_what_it_says(subject):
     model, safety, utility = subject
     editor = Editor(model, safety, utility)

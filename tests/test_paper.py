@@ -179,10 +179,12 @@ def test_an_interrupted_paper_run_resumes_and_reports(setup, monkeypatch):
     assert len(rows) == 13
     tiny = next(r for r in rows if r["params"] == "score=wanda, p=0.001, q=0.001")
     assert tiny["flag"].startswith("nearly empty") and float(tiny["target"]) == 0.001
-    top = next(r for r in rows if r["params"] == "score=wanda, q=0.05")
-    assert float(top["removed"]) > 0 and not top["flag"]
+    top = next(r for r in rows if r["params"] == "score=wanda, q=0.05, sequential=True")
+    assert float(top["removed"]) > 0 and not top["flag"]  # pruned block by block, as released
     assert {"judge agreement", "Cohen's kappa", "utility"} <= set(rows[0])
     assert all(0 <= float(r["utility"]) <= 1 for r in rows)
     report = (out / "report.md").read_text()
     assert "**Flagged**" in report and "The paper preset: 13 points" in report
     assert "Llama-2-7b-chat's refusals" in report  # the default safety set is said to be so
+    assert "prune block by block as the released code did" in report
+    assert "Prompts as the released code wrote them" in report

@@ -151,3 +151,23 @@ def test_command_line_direction_probe_and_overlap_map(tmp_path, capsys):
         main(["direction", "apply", "--out", str(d / "m2")])
     with pytest.raises(SystemExit, match="--harmful is needed"):
         main(["direction", "find", "--model", str(d / "elsewhere"), "--out", str(d / "x")])
+
+
+def test_sweep_with_a_direction_and_its_control(tmp_path):
+    import json
+
+    from pyattr.__main__ import main
+
+    d = tmp_path
+    assert main(["direction", "find", "--out", str(d / "dir")]) == 0
+    main(["calibrate", "--out", str(d / "s")])
+    main(["calibrate", "--toy-set", "utility", "--out", str(d / "u")])
+    args = ["sweep", "--safety", str(d / "s"), "--utility", str(d / "u"), "--controls"]
+    args += ["--direction", str(d / "dir" / "direction.safetensors"), "--max-new-tokens", "32"]
+    assert main([*args, "--out", str(d / "sweep")]) == 0
+    rows = {r["edit"]: r for r in json.loads((d / "sweep" / "results.json").read_text())["results"]}
+    assert set(rows) == {"none", "direction", "random_direction"}
+    base = rows["none"]["asr"]["vanilla"]
+    assert rows["direction"]["asr"]["vanilla"] >= base + 0.5
+    assert abs(rows["random_direction"]["asr"]["vanilla"] - base) <= 0.1
+    assert rows["direction"]["unit"] == "ranks"

@@ -827,6 +827,11 @@ def _run_sweep(
 def _demo(args) -> int:
     from pyattr.demo import run_demo
 
+    if args.extra_judges or args.judge not in ("auto", "toy-exact", "keyword"):
+        raise SystemExit(
+            "pyattr: the demo takes one --judge, toy-exact (the default) or keyword (the other "
+            "re-judges the same responses); model judges go with eval and sweep"
+        )
     judge = "toy-exact" if args.judge == "auto" else args.judge
     path = run_demo(
         args.out,

@@ -71,7 +71,7 @@ def chance_similarity(
     out = {}
     for name, b in safety.items():
         ru, rs = _rank_count(r_u, b.rank, "r_u", name), _rank_count(r_s, b.rank, "r_s", name)
-        out[name] = max(ru, rs) / b.vectors.shape[0]
+        out[name] = max(ru, rs) / b.d_out
     return out
 
 

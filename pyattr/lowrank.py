@@ -72,6 +72,10 @@ class Eigenbasis:
     def kept(self) -> int:
         return self.vectors.shape[1]
 
+    @property
+    def d_out(self) -> int:
+        return self.vectors.shape[0]
+
     def top(self, k: int, *, what: str = "rank") -> torch.Tensor:
         """The leading k eigenvectors (d_out, k)."""
         if not 0 <= k <= self.rank:
@@ -253,9 +257,9 @@ def load_eigenbases(path: str | Path, *, model: nn.Module | None = None) -> dict
 
 def _check_basis(w: torch.Tensor, basis: Eigenbasis, what: str, check: bool) -> None:
     label = f"{what} eigenbasis".strip()
-    if basis.vectors.shape[0] != w.shape[0]:
+    if basis.d_out != w.shape[0]:
         raise ValueError(
-            f"the {label} is for d_out = {basis.vectors.shape[0]}, the weight has {w.shape[0]} rows"
+            f"the {label} is for d_out = {basis.d_out}, the weight has {w.shape[0]} rows"
         )
     if check and basis.digest != weight_digest(w):
         raise ValueError(

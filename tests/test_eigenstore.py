@@ -1,0 +1,76 @@
+"""Streamed eigenbases: the same bases as in memory, written one layer at a time, read lazily,
+usable by every edit."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from test_calibrate import tiny_llama
+from test_data import tokenizer
+from test_lowrank import SAFETY, UTILITY
+
+import pyattr
+from pyattr.eigenstore import EigenStore, stream_eigenbases
+
+
+@pytest.fixture(scope="module")
+def subject():
+    model, tok = tiny_llama(torch.float32), tokenizer()
+    collect = ("norms", "covariance")
+    safety = pyattr.calibrate(model, tok, SAFETY, collect=collect, progress=False)
+    utility = pyattr.calibrate(model, tok, UTILITY, collect=collect, progress=False)
+    return model, safety, utility
+
+
+def test_streamed_bases_equal_the_in_memory_ones(subject, tmp_path):
+    model, safety, _ = subject
+    memory = pyattr.eigenbases(model, safety, progress=False)
+    store = stream_eigenbases(model, safety, tmp_path / "s", progress=False)
+    assert set(store) == set(memory) and len(store) == len(memory)
+    shapes = set()
+    for name, basis in memory.items():
+        lazy = store[name]
+        shapes.add(basis.vectors.shape[0] > basis.rank)  # gate/up: d_out > d_in; else not
+        assert lazy.rank == basis.rank and lazy.digest == basis.digest
+        assert lazy.d_out == basis.d_out and lazy.kept == basis.kept
+        assert torch.equal(lazy.values, basis.values)
+        for k in (0, 1, basis.rank // 2, basis.rank):
+            assert torch.equal(lazy.top(k), basis.top(k))
+    assert shapes == {True, False}  # both routes were taken
+    files = sorted(p.name for p in (tmp_path / "s").iterdir())
+    assert files[-1] == "index.json" and len(files) == len(memory) + 1
+
+
+def test_edits_take_a_store_and_give_the_same_weights(subject, tmp_path):
+    model, safety, utility = subject
+    memory = [pyattr.eigenbases(model, s, progress=False) for s in (safety, utility)]
+    stores = [
+        stream_eigenbases(model, s, tmp_path / n, keep=24, progress=False)
+        for s, n in ((safety, "s"), (utility, "u"))
+    ]
+    a, b = copy.deepcopy(model), copy.deepcopy(model)
+    ra = pyattr.edit_ranks(a, "orthogonal", *memory, keep_u=16, keep_s=3)
+    rb = pyattr.edit_ranks(b, "orthogonal", *stores, keep_u=16, keep_s=3)
+    assert ra.layers == rb.layers
+    for x, y in zip(pyattr.find_linear_layers(a), pyattr.find_linear_layers(b), strict=True):
+        assert torch.equal(x.weight, y.weight)
+    c = copy.deepcopy(model)
+    pyattr.edit_ranks(c, "remove", stores[0], r=2)
+    with pytest.raises(ValueError, match="keeps 24"):
+        stores[0][next(iter(stores[0]))].top(25)
+
+
+def test_an_interrupted_stream_is_refused_and_a_rerun_replaces_it(subject, tmp_path):
+    model, safety, _ = subject
+    folder = tmp_path / "s"
+    stream_eigenbases(model, safety, folder, keep=4, progress=False)
+    index = json.loads((folder / "index.json").read_text())
+    assert index["settings"]["keep"] == 4
+    (folder / "index.json").unlink()  # as a run killed before its index
+    with pytest.raises(FileNotFoundError, match="interrupted run"):
+        EigenStore(folder)
+    store = stream_eigenbases(model, safety, folder, keep=8, progress=False)
+    assert all(store[n].kept == 8 for n in store)

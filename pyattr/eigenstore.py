@@ -49,13 +49,9 @@ class LazyEigenbasis:
     def top(self, k: int, *, what: str = "rank") -> torch.Tensor:
         from safetensors import safe_open
 
-        if not 0 <= k <= self.rank:
-            raise ValueError(f"{what} {k} is outside [0, R] = [0, {self.rank}]")
-        if k > self.kept:
-            raise ValueError(
-                f"{what} {k} needs {k} eigenvectors but this eigenbasis keeps {self.kept}; "
-                "compute it again with a larger keep="
-            )
+        from .lowrank import check_top
+
+        check_top(k, self.rank, self.kept, what)
         with safe_open(str(self.path), framework="pt") as f:
             rows = f.get_slice("vectors_t")[:k]  # only these rows are read
         return rows.T

@@ -78,14 +78,19 @@ class Eigenbasis:
 
     def top(self, k: int, *, what: str = "rank") -> torch.Tensor:
         """The leading k eigenvectors (d_out, k)."""
-        if not 0 <= k <= self.rank:
-            raise ValueError(f"{what} {k} is outside [0, R] = [0, {self.rank}]")
-        if k > self.kept:
-            raise ValueError(
-                f"{what} {k} needs {k} eigenvectors but this eigenbasis keeps {self.kept}; "
-                "compute it again with a larger keep="
-            )
+        check_top(k, self.rank, self.kept, what)
         return self.vectors[:, :k]
+
+
+def check_top(k: int, rank: int, kept: int, what: str = "rank") -> None:
+    """Refuse a count of leading eigenvectors outside [0, R] or beyond those kept."""
+    if not 0 <= k <= rank:
+        raise ValueError(f"{what} {k} is outside [0, R] = [0, {rank}]")
+    if k > kept:
+        raise ValueError(
+            f"{what} {k} needs {k} eigenvectors but this eigenbasis keeps {kept}; "
+            "compute it again with a larger keep="
+        )
 
 
 def _check_covariance(name: str, covariance: torch.Tensor, n: int, d_in: int) -> None:

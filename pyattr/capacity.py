@@ -10,7 +10,8 @@ calibration would, and counts per stage:
   (several passes over the data, layer-by-layer mode, or the model spread over GPUs);
 - eigenbases: each layer's kept eigenvectors (d_out × min(d_out, d_in), or ``keep``) in the
   eigen dtype for both data sets, held on the host, and the largest layer's working set;
-- editing: the model and one layer's pair of bases;
+- editing: the model and one layer's pair of bases; for a model larger than the GPUs, the
+  weights offloaded to the host (or disk) and one layer, edited on the GPU at a time;
 - generation: the KV cache per sequence (2 · layers · kv_heads · head_dim · tokens · bytes) and
   the largest batch that fits beside the weights.
 
@@ -79,7 +80,7 @@ class Settings:
 
 @dataclass
 class Need:
-    """One thing a stage holds: ``bytes`` on ``where`` ("gpu": per GPU; "host")."""
+    """One thing a stage holds: ``bytes`` on ``where`` ("gpu": per GPU; "host"; "disk")."""
 
     what: str
     where: str
@@ -443,8 +444,23 @@ def _editing(plan: RunPlan, layers, weights: int, usable: int, g: int) -> Stage:
         where = f"spread over {g} GPUs" if weights > usable else "on the GPU"
         needs = [Need("weights", "gpu", weights // g), Need("one layer's two bases", "gpu", pair)]
         return Stage("editing", needs, f"in place, the model {where}, one layer's bases at a time")
-    needs = [Need("weights", "host", weights), Need("one layer's two bases", "host", pair)]
-    return Stage("editing", needs, "in place on the host, where the weights are (CPU)")
+    if not g:
+        needs = [Need("weights", "host", weights), Need("one layer's two bases", "host", pair)]
+        return Stage("editing", needs, "in place on the host, where the weights are (CPU)")
+    one = max(layer.d_out * layer.d_in for layer in layers) * _width(s.dtype)
+    work = max(layer.d_out * layer.d_in for layer in layers) * eb  # W in the eigen dtype
+    host = plan.machine.host_memory
+    store = "disk" if host is not None and weights > host else "host"
+    needs = [
+        Need("weights (offloaded)", store, weights),
+        Need("one layer, its two bases and W in the eigen dtype", "gpu", one + pair + work),
+    ]
+    return Stage(
+        "editing",
+        needs,
+        f"layer by layer: the weights stay on the {store} (accelerate offload, --device-map), "
+        "each layer is edited on the GPU and written back (pyattr.offload)",
+    )
 
 
 def _generation(plan: RunPlan, weights: int, kv_token: int, widths, usable: int) -> Stage:

@@ -29,10 +29,27 @@ import torch
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load_model(spec: str, dtype: str = "float32", device: str | None = None):
-    """(model, tokenizer) from ``toy``, ``toy:base`` or a local folder."""
+def load_model(
+    spec: str,
+    dtype: str = "float32",
+    device: str | None = None,
+    *,
+    device_map: str | None = None,
+    offload_folder: str | None = None,
+    max_memory: str | None = None,
+):
+    """(model, tokenizer) from ``toy``, ``toy:base`` or a local folder. ``device_map`` (a
+    folder only): accelerate's placement ("auto", "balanced", "sequential", a JSON object or
+    file of module → device, "cpu" or "disk"); weights placed on "cpu" or "disk" stay there
+    and every edit runs layer by layer (``pyattr.offload``); ``max_memory``: per device,
+    "0=70GiB,cpu=200GiB"; ``offload_folder``: where weights that must be re-saved for "disk"
+    go (and pyattr's edited ones)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device_map is None and (offload_folder or max_memory):
+        raise SystemExit("pyattr: --offload-folder and --max-memory need --device-map")
     if spec in ("toy", "toy:aligned", "toy:base"):
+        if device_map is not None:
+            raise SystemExit("pyattr: --device-map is for model folders; the toy fits anywhere")
         from pyattr import toy
 
         stage = "base" if spec == "toy:base" else "aligned"
@@ -54,7 +71,12 @@ def load_model(spec: str, dtype: str = "float32", device: str | None = None):
 
     tokenizer = AutoTokenizer.from_pretrained(path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).to(device).eval()
+        if device_map is None:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).to(device)
+        else:
+            placement = _placement(device_map, offload_folder, max_memory)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], **placement)
+        model.eval()
     except (OSError, RuntimeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SystemExit(f"pyattr: cannot load the model in {path}: {first}") from None
@@ -62,6 +84,62 @@ def load_model(spec: str, dtype: str = "float32", device: str | None = None):
 
     check_finite(model, f"the model in {path}")
     return model, tokenizer
+
+
+def _placement(device_map: str, offload_folder: str | None, max_memory: str | None) -> dict:
+    """from_pretrained's placement arguments from the command line's strings."""
+    try:
+        import accelerate  # noqa: F401
+    except ImportError:
+        raise SystemExit(
+            "pyattr: --device-map needs accelerate: pip install 'pyattr[scale]'"
+        ) from None
+    text = device_map.strip()
+    if text.startswith("{") or text.endswith(".json"):
+        try:
+            source = text if text.startswith("{") else Path(text).read_text(encoding="utf-8")
+            mapping = json.loads(source)
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"pyattr: --device-map {device_map!r}: {exc}") from None
+        if not isinstance(mapping, dict):
+            raise SystemExit("pyattr: --device-map must be a JSON object of module -> device")
+    elif text in ("auto", "balanced", "balanced_low_0", "sequential", "cpu"):
+        mapping = text
+    else:
+        raise SystemExit(
+            f"pyattr: --device-map {device_map!r}: give auto, balanced, balanced_low_0, "
+            "sequential, cpu, or a JSON object or .json file of module -> device"
+        )
+    out: dict = {"device_map": mapping}
+    if offload_folder:
+        out["offload_folder"] = offload_folder
+    if max_memory:
+        from pyattr.plan import parse_bytes
+
+        memory: dict = {}
+        for part in max_memory.split(","):
+            key, sep, size = part.partition("=")
+            key = key.strip()
+            if not sep or not key:
+                raise SystemExit(f"pyattr: --max-memory {max_memory!r}: write DEVICE=SIZE,...")
+            try:
+                memory[int(key) if key.isdigit() else key] = parse_bytes(size)
+            except ValueError as exc:
+                raise SystemExit(f"pyattr: --max-memory: {exc}") from None
+        out["max_memory"] = memory
+    return out
+
+
+def model_of(args, spec: str | None = None):
+    """``load_model`` for ``spec`` (default: ``--model``) with the command's dtype and
+    placement options."""
+    return load_model(
+        args.model if spec is None else spec,
+        args.dtype,
+        device_map=getattr(args, "device_map", None),
+        offload_folder=getattr(args, "offload_folder", None),
+        max_memory=getattr(args, "max_memory", None),
+    )
 
 
 WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth")
@@ -188,8 +266,12 @@ def save_model(model, tokenizer, out: str | Path, *sources: str | None) -> Path:
     tmp = out.with_name(f".{out.name}.partial")
     old = out.with_name(f".{out.name}.old")
     shutil.rmtree(tmp, ignore_errors=True)
+    from pyattr.offload import has_offloaded
+
+    # An offloaded model's shards are gathered in host memory: keep them small.
+    shards = {"max_shard_size": "2GB"} if has_offloaded(model) else {}
     try:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, **shards)
         tokenizer.save_pretrained(tmp)
         (tmp / MODEL_MARK).write_text("written by pyattr\n")
     except BaseException:  # a full disk, an interrupt: leave no half-written folder behind
@@ -210,7 +292,7 @@ def _calibrate(args) -> int:
     from pyattr.data import load_pairs
     from pyattr.io import fingerprint
 
-    model, tok = load_model(args.model, args.dtype)
+    model, tok = model_of(args)
     data = args.data
     if data is None:
         from pyattr import toy
@@ -249,7 +331,7 @@ def _mask(args) -> int:
     if args.safety is None and scores.get(args.score).collect is not None:
         raise SystemExit(f"pyattr: --score {args.score} needs --safety statistics")
     check_file_out(args.out, "region.mask.safetensors")
-    model, _ = load_model(args.model, args.dtype)
+    model, _ = model_of(args)
     safety = None
     if args.safety is not None:
         safety = _stats(args, args.safety, model)
@@ -289,7 +371,7 @@ def _sequential_mask(args) -> int:
     check_file_out(args.out, "region.mask.safetensors")
     if args.pruned_out is not None:
         check_model_out(args.pruned_out, args.model)
-    model, tok = load_model(args.model, args.dtype)
+    model, tok = model_of(args)
     if args.data is None:
         from pyattr import toy
 
@@ -321,10 +403,10 @@ def _prune(args) -> int:
     check_model_out(args.out, args.model, args.restore_from)
     import pyattr
 
-    model, tok = load_model(args.model, args.dtype)
+    model, tok = model_of(args)
     mask = pyattr.load_mask(_need(args.mask, "mask", "mask"), model=model)
     if args.restore_from:
-        source, _ = load_model(args.restore_from, args.dtype)
+        source, _ = model_of(args, args.restore_from)
         pyattr.rewind(model, source, mask)
     else:
         pyattr.prune(model, mask)
@@ -340,11 +422,11 @@ def _rewind(args) -> int:
     import pyattr
     from pyattr.masks import Mask
 
-    model, tok = load_model(args.model, args.dtype)
+    model, tok = model_of(args)
     mask = pyattr.load_mask(_need(args.mask, "mask", "mask"), model=model)
     if args.complement:
         mask = Mask({name: ~m for name, m in mask.masks.items()})
-    source, _ = load_model(args.source, args.dtype)
+    source, _ = model_of(args, args.source)
     pyattr.rewind(model, source, mask)
     folder = save_model(model, tok, args.out, args.model, args.source)
     print(f"rewound {mask.sparsity()['overall']:.2%} of the weights; model folder: {folder}")
@@ -358,7 +440,7 @@ def _finetune(args) -> int:
     from pyattr.data import load_pairs
     from pyattr.finetune import finetune
 
-    model, tok = load_model(args.model, args.dtype)
+    model, tok = model_of(args)
     if args.data is None:
         from pyattr.toy import attack_pairs
 
@@ -400,7 +482,7 @@ def _lowrank(args) -> int:
         check_model_out(args.out, args.model)
     else:
         check_file_out(args.out, "safety.eigen.safetensors")
-    model, tok = load_model(args.model, args.dtype)
+    model, tok = model_of(args)
     if args.action == "eigen":
         stats = _stats(args, args.stats, model)
         bases = pyattr.eigenbases(model, stats, keep=args.keep, dtype=torch.float64)
@@ -506,7 +588,7 @@ def _eval(args) -> int:
 
         check_file_out(args.out, "utility.json")
         check_tasks(args.tasks or PAPER_TASKS, args.include_path)
-    model, tok = load_model(args.model, args.dtype)
+    model, tok = model_of(args)
     if args.action == "asr":
         from pyattr.evaluate import attack_success
 
@@ -549,7 +631,7 @@ def _analyze(args) -> int:
 
     if (args.r_u is None) != (args.r_s is None):
         raise SystemExit("pyattr: give both --r-u and --r-s for the subspace similarity")
-    model, _ = load_model(args.model, args.dtype)
+    model, _ = model_of(args)
     out = Path(args.out)
     safety = _stats(args, args.safety, model)
     utility = _stats(args, args.utility, model)
@@ -748,7 +830,7 @@ def _run_sweep(
 
         check_tasks(args.tasks, args.include_path)
     if model is None:
-        model, tok = load_model(args.model, args.dtype)
+        model, tok = model_of(args)
     safety = _stats(args, args.safety, model)
     utility = _stats(args, args.utility, model)
     out = Path(args.out)
@@ -797,7 +879,7 @@ def _run_sweep(
         from pyattr.sweep import Attack
 
         threat = Attack(tok, pairs, lr=args.finetune_lr)
-    source = load_model(args.rewind_from, args.dtype)[0] if args.rewind else None
+    source = model_of(args, args.rewind_from)[0] if args.rewind else None
     direction = None
     if getattr(args, "direction", None):
         from pyattr.direction import load_selection
@@ -949,7 +1031,7 @@ def _make_set(args, registry) -> int:
     if args.n is not None:
         prompts = sample(prompts, min(args.n, len(prompts)), args.seed)
     judge = KeywordJudge.released() if args.judge == "released" else KeywordJudge()
-    model, tok = load_model(args.model, args.dtype)
+    model, tok = model_of(args)
     made = make_set(
         model,
         tok,
@@ -1056,7 +1138,7 @@ def _paper(args) -> int:
         from pyattr.evaluate import check_tasks
 
         check_tasks(list(preset.tasks), args.include_path)
-    model, tok = load_model(args.model, args.dtype)
+    model, tok = model_of(args)
     paths = paper.statistics_paths(args.out)
     calibration = {}
     for role in ("safety", "utility"):
@@ -1189,10 +1271,16 @@ def _paper_dry_run(args, preset, points, files) -> int:
         points=len(points),
         gpu=args.gpu,
         gpus=max(args.gpus, 1),
+        tensor_parallel=args.backend == "vllm",
     )
-    print(f"\npredicted time on {args.gpus} × {args.gpu} (a prediction, not a measurement):")
+    how = "vLLM, tensor parallel" if args.backend == "vllm" else "one process, device_map"
+    print(f"\npredicted time on {args.gpus} × {args.gpu} ({how}; a prediction, not a measurement):")
+    short = [s.name for s in plan.stages if not s.fits and s.name == "generation"]
     for stage, seconds in times.items():
-        print(f"  {stage:22s} {seconds / 60:8.1f} min")
+        if short and stage != "calibration":
+            print(f"  {stage:22s}      n/a (generation does not fit on this machine)")
+        else:
+            print(f"  {stage:22s} {seconds / 60:8.1f} min")
     print(f"weights {format_bytes(plan.facts['weights'])}; nothing was run")
     return 0
 
@@ -1348,6 +1436,18 @@ def add_commands(commands) -> None:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--model", default="toy", help="local HF folder, 'toy' or 'toy:base'")
     common.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    placement = common.add_argument_group("models larger than the GPU (accelerate)")
+    placement.add_argument(
+        "--device-map",
+        help="auto, balanced, sequential, cpu, or a JSON object/file of module -> device "
+        "('cpu', 'disk', 0, ...): weights on cpu or disk stay there, edits run layer by layer",
+    )
+    placement.add_argument(
+        "--max-memory", help="per device for --device-map, e.g. 0=70GiB,cpu=200GiB"
+    )
+    placement.add_argument(
+        "--offload-folder", help="folder for weights offloaded to disk (and pyattr's edits of them)"
+    )
     common.add_argument(
         "--allow-other-model",
         action="store_true",

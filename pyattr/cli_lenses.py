@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .cli import _toy_default, check_file_out, load_model, save_model
+from .cli import _toy_default, check_file_out, model_of, save_model
 
 
 def _pairs(args, which: str):
@@ -53,7 +53,7 @@ def _direction(args) -> int:
         if args.direction is None:
             raise SystemExit("pyattr: direction apply needs --direction (from direction find)")
         selection = load_selection(args.direction)
-        model, tok = load_model(args.model, args.dtype)
+        model, tok = model_of(args)
         r = selection.direction
         if args.random_seed is not None:
             r = random_direction(r, args.random_seed)
@@ -69,7 +69,7 @@ def _direction(args) -> int:
         _toy_default(args, flag, what)
     out = Path(args.out)
     check_file_out(out / "direction.safetensors", "out/direction.safetensors")
-    model, tok = load_model(args.model, args.dtype)
+    model, tok = model_of(args)
     refusals, answers = _pairs(args, "harmful"), _pairs(args, "harmless")
     prefixes = _prefix_ids(tok, args.prefix) if args.prefix else None
     directions, selection = refusal_direction(
@@ -111,7 +111,7 @@ def _probe(args) -> int:
         _toy_default(args, flag, what)
     out = Path(args.out)
     check_file_out(out / "probe.json", "out/probe.json")
-    model, tok = load_model(args.model, args.dtype)
+    model, tok = model_of(args)
     features = [
         head_features(
             model,

@@ -1,5 +1,7 @@
 """Edits a mask makes to a model: zero the region (pruning) or copy it from another model
-(rewinding, "recover from base"). In place; dtype and device kept."""
+(rewinding, "recover from base"). In place; dtype and device kept. One layer at a time through
+``pyattr.offload``: weights offloaded by accelerate (CPU or disk) are edited on their execution
+device and written back, and ``device`` runs the edit elsewhere than the weights live."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ from torch import nn
 
 from .masks import Mask
 from .models import LinearLayer, layers_by_name
+from .offload import read, writable
 
 __all__ = ["layers_for", "prune", "restore", "rewind"]
 
@@ -27,25 +30,35 @@ def layers_for(model: nn.Module, mask: Mask) -> dict[str, LinearLayer]:
     return layers
 
 
+Device = torch.device | str | None
+
+
 @torch.no_grad()
-def prune(model: nn.Module, mask: Mask) -> None:
-    """Set the masked weights to zero, in place (dtype and device kept)."""
+def prune(model: nn.Module, mask: Mask, *, device: Device = None) -> None:
+    """Set the masked weights to zero, in place (dtype and device kept). ``device``: where the
+    edit runs (default: where each layer computes)."""
     layers = layers_for(model, mask)
     for name, m in mask.masks.items():
-        w = layers[name].weight
-        w.masked_fill_(m.to(w.device), 0)
+        with writable(layers[name], device, model=model) as w:
+            w.masked_fill_(m.to(w.device), 0)
 
 
 @torch.no_grad()
-def rewind(model: nn.Module, source: nn.Module, mask: Mask) -> None:
-    """Copy the masked weights from ``source`` (a base or original model) into ``model``, in
-    place: rewinding and "recover from base"."""
+def rewind(
+    model: nn.Module,
+    source: nn.Module,
+    mask: Mask,
+    *,
+    device: Device = None,
+) -> None:
+    """Copy the masked weights from ``source`` (a base or original model, resident or
+    offloaded) into ``model``, in place: rewinding and "recover from base"."""
     layers = layers_for(model, mask)
     src = layers_for(source, mask)
     for name, m in mask.masks.items():
-        w, s = layers[name].weight, src[name].weight
-        m = m.to(w.device)
-        w.copy_(torch.where(m, s.to(device=w.device, dtype=w.dtype), w))
+        with writable(layers[name], device, model=model) as w:
+            s = read(src[name], w.device)
+            w.copy_(torch.where(m.to(w.device), s.to(w.dtype), w))
 
 
 restore = rewind  # the earlier name of ``rewind``

@@ -29,7 +29,6 @@ edit reports what it removed as a fraction of weights or of ranks (``unit``).
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -51,7 +50,9 @@ REGIONS = ("none", "set_difference", "top_safety")
 class Edit:
     """One kind of edit. apply(editor, model, params) edits ``model`` (a copy of the editor's)
     in place and returns the fraction of weights or ranks it removed; ``control_of``: the edit
-    this one is the random control of (its report colour follows it)."""
+    this one is the random control of (its report colour follows it); ``layerwise``: it edits
+    through ``pyattr.offload`` one layer at a time, so it can edit a model in place, offloaded
+    or too large to copy (fine-tuning and the direction edits cannot)."""
 
     name: str
     label: str
@@ -60,6 +61,7 @@ class Edit:
     apply: Callable[[Editor, nn.Module, dict], float]
     optional: tuple[str, ...] = ()
     control_of: str | None = None
+    layerwise: bool = True
 
     def check(self, params: dict) -> None:
         """Refuse missing or unknown parameters, naming them, before any work."""
@@ -168,8 +170,7 @@ def _orthogonal(random: bool):
             raise ValueError("the orthogonal projection needs the utility statistics")
         safety, utility = editor.bases
         ranks = {k: p[k] for k in _RANKS if k in p}
-        target = copy.deepcopy(model) if random else model
-        report = edit_ranks(target, "orthogonal", safety, utility, **ranks)
+        report = edit_ranks(model, "orthogonal", safety, utility, apply=not random, **ranks)
         if random:
             remove_random(model, report, seed=0)
         return report.fraction
@@ -280,9 +281,17 @@ for _edit in (
         ("n", "steps"),
         _finetune,
         ("frozen", "score", "p", "q"),
+        layerwise=False,
     ),
     Edit("rewind", "rewinding", "weights", ("region", "q"), _rewind, ("score", "p")),
-    Edit("direction", "refusal direction orthogonalised", "ranks", (), _direction(False)),
+    Edit(
+        "direction",
+        "refusal direction orthogonalised",
+        "ranks",
+        (),
+        _direction(False),
+        layerwise=False,
+    ),
     Edit(
         "random_direction",
         "random direction",
@@ -291,6 +300,7 @@ for _edit in (
         _direction(True),
         ("seed",),
         control_of="direction",
+        layerwise=False,
     ),
 ):
     register(_edit)

@@ -26,6 +26,7 @@ from torch import nn
 
 from .io import atomic_write, save_tensors
 from .models import LinearLayer, find_linear_layers
+from .offload import read
 from .stats import Stats
 
 __all__ = ["EigenStore", "LazyEigenbasis", "stream_eigenbases"]
@@ -120,7 +121,7 @@ def stream_eigenbases(
     bar = tqdm(chosen, desc="eigenbases (streamed)", unit="layer", disable=not progress)
     for index, layer in enumerate(bar):
         covariance, n = _covariance_for(stats, layer)
-        w = layer.weight
+        w = read(layer)
         kind = dtype or (torch.float32 if w.device.type == "cuda" else torch.float64)
         basis = eigenbasis(
             w,

@@ -35,6 +35,7 @@ from .calibrate import Stats
 from .counts import Amount, resolve
 from .io import load_tensors, meta_value, save_tensors, tensor_of, weight_digest
 from .models import LinearLayer, find_linear_layers, layers_by_name
+from .offload import read, writable
 
 __all__ = [
     "Eigenbasis",
@@ -202,7 +203,7 @@ def eigenbases(
     for layer in tqdm(layers, desc="eigenbases", unit="layer", disable=not progress):
         covariance, n = _covariance_for(stats, layer)
         basis = eigenbasis(
-            layer.weight,
+            read(layer),
             covariance,
             n,
             keep=None if keep is None else min(keep, layer.d_out, layer.d_in),
@@ -333,15 +334,34 @@ def orthogonal_projection(
     """
     _check_basis(w, utility, "utility", check)
     _check_basis(w, safety, "safety", check)
+    b, us = _orthogonal_factors(utility, safety, w.device, r_u, r_s, keep_u, keep_s)
+    x = w.to(b.dtype)
+    _write(w, x - b @ (us.T @ x))
+    return _numerical_rank(b, tolerance)
+
+
+def _orthogonal_factors(
+    utility: Eigenbasis,
+    safety: Eigenbasis,
+    device: torch.device | None,
+    r_u: int | None,
+    r_s: int | None,
+    keep_u: int | None,
+    keep_s: int | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, U_s) of the projection ΔW = B (U_sᵀ W), B = (I − Π_u) U_s, on ``device`` (None:
+    where the utility eigenvectors are)."""
     if utility.rank != safety.rank:
         raise ValueError(f"the eigenbases have R = {utility.rank} and {safety.rank}")
     ku, ks = _kept_counts(utility.rank, r_u, r_s, keep_u, keep_s)
-    uu = utility.top(ku, what="kept utility rank").to(w.device)
-    us = safety.top(ks, what="kept safety rank").to(device=w.device, dtype=uu.dtype)
-    x = w.to(uu.dtype)
-    b = us - _project(uu, us)
-    _write(w, x - b @ (us.T @ x))
-    if ks == 0:
+    uu = utility.top(ku, what="kept utility rank")
+    uu = uu if device is None else uu.to(device)
+    us = safety.top(ks, what="kept safety rank").to(device=uu.device, dtype=uu.dtype)
+    return us - _project(uu, us), us
+
+
+def _numerical_rank(b: torch.Tensor, tolerance: float | None) -> int:
+    if b.shape[1] == 0:
         return 0
     tolerance = tolerance if tolerance is not None else (1e-6 if b.dtype == torch.float64 else 1e-3)
     return int((torch.linalg.svdvals(b) > tolerance).sum())
@@ -393,6 +413,8 @@ def edit_ranks(
     keep_s: Amount | int | float | str | None = None,
     layers: Sequence[str] | None = None,
     check: bool = True,
+    device: torch.device | str | None = None,
+    apply: bool = True,
 ) -> RankEdit:
     """Apply a rank edit to every layer that has an eigenbasis (or to ``layers``), in place.
 
@@ -400,7 +422,11 @@ def edit_ranks(
     projection with ``utility`` and ``(r_u, r_s)`` or ``(keep_u, keep_s)``. Each rank is an
     amount (``pyattr.counts``): a count (``count(16)``, an int, "16") or a fraction of the
     layer's R rounded down (``fraction(0.9)``, a float, "0.9", "90%"), so one setting can serve
-    layers of different R (grouped-query k/v projections).
+    layers of different R (grouped-query k/v projections). One layer at a time through
+    ``pyattr.offload``: ``device`` is where each edit runs (default: where the layer computes,
+    the execution device of an offloaded one);; with
+    ``apply=False`` only the ranks are counted (the report of a random control) and no weight
+    is read or written.
     """
     if mode not in ("remove", "keep", "orthogonal"):
         raise ValueError(f"mode must be 'remove', 'keep' or 'orthogonal', got {mode!r}")
@@ -416,34 +442,51 @@ def edit_ranks(
     for layer in _resolve(model, names):
         basis, rank = safety[layer.name], safety[layer.name].rank
         if mode in ("remove", "keep"):
-            edit = remove_top if mode == "remove" else keep_top
-            changed = edit(
-                layer.weight, basis, resolve(r, rank, "r", whole="R", where=layer.name), check=check
-            )
+            k = resolve(r, rank, "r", whole="R", where=layer.name)
+            check_top(k, rank, basis.kept)
+            if apply:
+                with writable(layer, device, model=model) as w:
+                    changed = (remove_top if mode == "remove" else keep_top)(
+                        w, basis, k, check=check
+                    )
+            else:
+                changed = k if mode == "remove" else rank - k
         else:
             counts = {
                 k: resolve(v, rank, k, whole="R", where=layer.name)
                 for k, v in (("r_u", r_u), ("r_s", r_s), ("keep_u", keep_u), ("keep_s", keep_s))
             }
-            changed = orthogonal_projection(
-                layer.weight, utility[layer.name], basis, check=check, **counts
-            )
+            if apply:
+                with writable(layer, device, model=model) as w:
+                    changed = orthogonal_projection(
+                        w, utility[layer.name], basis, check=check, **counts
+                    )
+            else:
+                b, _ = _orthogonal_factors(utility[layer.name], basis, device, **counts)
+                changed = _numerical_rank(b, None)
         out[layer.name] = {"R": rank, "rank": changed}
     return RankEdit(out)
 
 
 @torch.no_grad()
-def remove_random(model: nn.Module, like: RankEdit, *, seed: int = 0) -> RankEdit:
+def remove_random(
+    model: nn.Module,
+    like: RankEdit,
+    *,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+) -> RankEdit:
     """The control of a rank edit: per layer, remove as many uniformly random directions as
-    ``like`` removed ranks (``W ← W − Q (Qᵀ W)``, Q a random orthonormal d_out × rank)."""
+    ``like`` removed ranks (``W ← W − Q (Qᵀ W)``, Q a random orthonormal d_out × rank), one
+    layer at a time as ``edit_ranks``."""
     gen = torch.Generator().manual_seed(seed)
     out = {}
     for layer in _resolve(model, list(like.layers)):
         k = like.layers[layer.name]["rank"]
-        w = layer.weight
         g = torch.randn(layer.d_out, k, generator=gen, dtype=torch.float64)
-        q = torch.linalg.qr(g).Q.to(w.device)
-        x = w.to(q.dtype)
-        _write(w, x - _project(q, x))
+        with writable(layer, device, model=model) as w:
+            q = torch.linalg.qr(g).Q.to(w.device)
+            x = w.to(q.dtype)
+            _write(w, x - _project(q, x))
         out[layer.name] = {"R": like.layers[layer.name]["R"], "rank": k}
     return RankEdit(out)

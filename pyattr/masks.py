@@ -21,6 +21,7 @@ from torch import nn
 from . import scores
 from .io import load_tensors, meta_value, save_tensors, tensor_of
 from .models import LinearLayer, find_linear_layers
+from .offload import read
 from .ops.selection import pack_bits
 from .selection import SetDifference, set_difference_mask, topk_mask
 from .stats import Stats, check_fits
@@ -81,7 +82,7 @@ def load_mask(path: str | Path, *, model: nn.Module | None = None) -> Mask:
 
 
 def _weight(layer: LinearLayer) -> torch.Tensor:
-    w = layer.weight.detach()
+    w = read(layer)
     return w if w.stride(1) == 1 else w.contiguous()
 
 

@@ -117,6 +117,7 @@ def predicted_seconds(
     points: int,
     gpu: str,
     gpus: int = 1,
+    tensor_parallel: bool = False,
     sample_tokens: int = 512,
     prompt_tokens: int = 128,
 ) -> dict[str, float]:
@@ -124,15 +125,18 @@ def predicted_seconds(
     calibration is compute-bound (2 FLOPs per parameter and token forward, 3× that with a SNIP
     backward), generation memory-bound (every decoding step reads the weights once per batch),
     zero-shot scoring compute-bound (one forward per choice), at ``EFFICIENCY`` of the nominal
-    figures."""
-    bandwidth, flops = (x * EFFICIENCY * gpus for x in GPU_SPEED[gpu])
+    figures. One process over several GPUs (accelerate's device_map) runs them one after
+    another, as fast as one GPU; only generation with vLLM's tensor parallelism
+    (``tensor_parallel``) reads the weights on every GPU at once."""
+    bandwidth, flops = (x * EFFICIENCY for x in GPU_SPEED[gpu])
+    spread = gpus if tensor_parallel else 1
     snip = any(c in preset.collect for c in ("snip", "grad_sum"))
     calibration = 2 * preset.samples * sample_tokens * 2 * parameters * (4 if snip else 1) / flops
     per_prompt = {"adv_suffix": suffixes, "adv_decoding": preset.decoding_samples}
     sequences = sum(prompts * per_prompt.get(v, 1) for v in preset.variants)
     steps = preset.max_new_tokens * -(-sequences // batch)
-    prefill = 2 * parameters * sequences * prompt_tokens / flops
-    generation = steps * weight_bytes / bandwidth + prefill
+    prefill = 2 * parameters * sequences * prompt_tokens / (flops * spread)
+    generation = steps * weight_bytes / (bandwidth * spread) + prefill
     documents = preset.limit if preset.limit and preset.limit >= 1 else 1000
     choices = sum(TASK_CHOICES.get(t, 4) for t in preset.tasks)
     utility = 2 * parameters * documents * choices * 256 / flops

@@ -95,7 +95,12 @@ class Editor:
     ``attack``: what fine-tuning points train on; ``source``: the model rewind points copy
     from; ``direction``: the refusal direction (d,) that direction points orthogonalise;
     ``calibration``: (tokenizer, safety pairs) that sequential points calibrate on (each needed
-    only by those points)."""
+    only by those points).
+
+    ``in_place``: edit the model itself, layer by layer, and put it back bit for bit before the
+    next point (``pyattr.offload.Journal``) instead of editing a deep copy: the way for a model
+    offloaded by accelerate or too large to hold twice (default: when any weight is offloaded).
+    Only edits with ``layerwise`` run so; ``restore()`` puts the last point's edit back."""
 
     def __init__(
         self,
@@ -108,11 +113,16 @@ class Editor:
         bases: list | None = None,
         direction: torch.Tensor | None = None,
         calibration: tuple | None = None,
+        in_place: bool | None = None,
     ) -> None:
+        from .offload import Journal, has_offloaded
+
         self.model, self.safety, self.utility = model, safety, utility
         self.attack, self.source, self.direction = attack, source, direction
         self.calibration = calibration
         self._bases = bases
+        self.in_place = has_offloaded(model) if in_place is None else in_place
+        self._journal = Journal()
 
     @property
     def bases(self) -> list:
@@ -123,12 +133,34 @@ class Editor:
             self._bases = [eigenbases(self.model, s, progress=False) for s in stats]
         return self._bases
 
-    def edited(self, point: Point) -> tuple[nn.Module, float, str]:
-        """(an edited copy of the model, the fraction it removed, "weights" or "ranks")."""
+    def check(self, point: Point) -> None:
+        """Refuse a malformed point, or one this editor cannot apply in place, before any work."""
         point.check()
+        if self.in_place and (
+            not edits.get(point.edit).layerwise or point.params.get("sequential")
+        ):
+            what = "sequential pruning" if point.params.get("sequential") else point.edit
+            raise ValueError(
+                f"{what} points need a copy of the whole model, which this in-place editor "
+                "(an offloaded model) does not make: run them on a model that fits in memory"
+            )
+
+    def edited(self, point: Point) -> tuple[nn.Module, float, str]:
+        """(the edited model, the fraction it removed, "weights" or "ranks"): a copy, or in
+        place the model itself after the previous point's edit is put back."""
+        self.check(point)
         edit = edits.get(point.edit)
-        model = copy.deepcopy(self.model)
-        return model, edit.apply(self, model, point.params), edit.unit
+        if not self.in_place:
+            model = copy.deepcopy(self.model)
+            return model, edit.apply(self, model, point.params), edit.unit
+        self.restore()
+        with self._journal:
+            removed = edit.apply(self, self.model, point.params)
+        return self.model, removed, edit.unit
+
+    def restore(self) -> None:
+        """Put back what the last in-place edit changed (nothing for an editor of copies)."""
+        self._journal.restore()
 
 
 def run_points(
@@ -146,7 +178,7 @@ def run_points(
 
     try:
         for point in points:
-            point.check()
+            editor.check(point)
         bar = tqdm(points, desc="sweep", unit="point", disable=not progress)
         for point in bar:
             bar.set_postfix_str(point.key)
@@ -159,5 +191,6 @@ def run_points(
             row["seconds"] = round(time.perf_counter() - start, 2)
             table.append(row)
     finally:
+        editor.restore()
         table.close()
     return table.rows

@@ -104,6 +104,14 @@ def test_plans_match_hand_counts(tmp_path, name):
         )  # one block's statistics
         assert not snip.fits and "at least 2 GPUs" in snip.decision
         assert not stages["generation"].fits
+        editing = stages["editing"]  # weights on the host, one layer at a time on the GPU
+        assert "layer by layer" in editing.decision and "stay on the host" in editing.decision
+        gate = c["inter"] * c["hidden"]  # the largest layer; its basis keeps R = hidden columns
+        (on_gpu,) = [n for n in editing.needs if n.where == "gpu"]
+        assert on_gpu.bytes == 2 * gate + 2 * gate * 8 + gate * 8  # bf16 W, two fp64 bases, fp64 W
+        assert [n.bytes for n in editing.needs if n.where == "host"] == [2 * want["params"]]
+        small = plan_run(tmp_path, Machine(gpus=1, gpu_memory=80 * GiB, host_memory=64 * GiB))
+        assert "stay on the disk" in small.stage("editing").decision
     else:
         (only,) = calib
         assert only.fits

@@ -130,7 +130,7 @@ def test_the_dry_run_plans_and_runs_nothing(setup, capsys):
     assert main([*small(setup, out), "--dry-run"]) == 0
     said = capsys.readouterr().out
     assert "grid: 13 points" in said and "memory plan (1 × h100)" in said
-    assert "predicted time on 1 × h100 (a prediction, not a measurement)" in said
+    assert "predicted time on 1 × h100 (one process, device_map; a prediction, not a" in said
     assert "| generation | KV cache" in said and "nothing was run" in said
     assert not out.exists()
 

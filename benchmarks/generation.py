@@ -5,9 +5,12 @@
                                                # bf16 when CUDA is there
     python -m benchmarks.generation --quick    # a few prompts: a smoke run
 
-Both methods run ``pyattr.evaluate.generate_batches`` on the same formatted prompts, greedy; only
-the batch size differs. Throughput is prompts/s and generated tokens/s (tokens up to and including
-EOS, the ones a reader gets). On the toy model the texts of both methods must agree (greedy, fp32:
+Every method runs ``pyattr.evaluate.generate_batches`` on the same formatted prompts, greedy:
+batched with a dynamic KV cache, one prompt at a time, and batched with a static KV cache (which
+transformers compiles on a GPU; its shapes are compiled before the timed run). On the GPU the
+batch is the largest that fits (``auto_batch_size``) unless ``--batch-size`` is given.
+Throughput is prompts/s and generated tokens/s (tokens up to and including EOS,
+the ones a reader gets). On the toy model the texts of every method must agree (greedy, fp32:
 left padding changes nothing); the random model's texts are not compared (bf16 rounding depends
 on the batch shape).
 
@@ -67,7 +70,7 @@ def _random_7b(prompts: int, device: str):
     return model, tok, encoded, "random 7B-shaped Llama (bf16)"
 
 
-def _run(model, tok, encoded, batch_size: int, max_new_tokens: int, device: str):
+def _run(model, tok, encoded, batch_size: int, max_new_tokens: int, device: str, cache="dynamic"):
     from pyattr.evaluate.generate import generate_batches
 
     texts = [""] * len(encoded)
@@ -75,7 +78,7 @@ def _run(model, tok, encoded, batch_size: int, max_new_tokens: int, device: str)
         torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _, indices, batch in generate_batches(
-        model, tok, encoded, max_new_tokens=max_new_tokens, batch_size=batch_size
+        model, tok, encoded, max_new_tokens=max_new_tokens, batch_size=batch_size, cache=cache
     ):
         for i, text in zip(indices, batch, strict=True):
             texts[i] = text
@@ -102,21 +105,28 @@ def main(argv: list[str] | None = None) -> str:
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() and not args.quick else "cpu"
     if device == "cuda":
+        from pyattr.evaluate.generate import auto_batch_size
+
         model, tok, encoded, what = _random_7b(args.prompts, device)
-        max_new, batch = args.max_new_tokens or 256, args.batch_size or 64
+        max_new = args.max_new_tokens or 256
+        batch = args.batch_size or auto_batch_size(model, encoded, max_new)
         single = encoded[: args.single_prompts]
     else:
         model, tok, encoded, what = _toy(args.quick)
         max_new, batch = args.max_new_tokens or 32, args.batch_size or 32
         single = encoded
     _run(model, tok, encoded[: min(4, len(encoded))], 2, 4, device)  # warm-up
+    static = "static cache, compiled" if device == "cuda" else "static cache"
+    if device == "cuda":  # compiles the shapes of the timed run first
+        _run(model, tok, encoded, batch, 4, device, "static")
     rows = []
     results = {}
-    for name, prompts, size in (
-        (f"batched ({batch} per batch)", encoded, batch),
-        ("one prompt at a time", single, 1),
+    for name, prompts, size, cache in (
+        (f"batched ({batch} per batch)", encoded, batch, "dynamic"),
+        ("one prompt at a time", single, 1, "dynamic"),
+        (f"batched, {static}", encoded, batch, "static"),
     ):
-        seconds, tokens, texts = _run(model, tok, prompts, size, max_new, device)
+        seconds, tokens, texts = _run(model, tok, prompts, size, max_new, device, cache)
         results[name] = (seconds, len(prompts), texts)
         rows.append(
             {
@@ -127,10 +137,15 @@ def main(argv: list[str] | None = None) -> str:
                 "tokens/s": f"{tokens / seconds:.0f}",
             }
         )
-    (b_s, b_n, b_texts), (s_s, s_n, s_texts) = results.values()
+    (b_s, b_n, b_texts), (s_s, s_n, s_texts), (c_s, c_n, c_texts) = results.values()
     rows[0]["speed-up"] = f"{(b_n / b_s) / (s_n / s_s):.1f}×"
     rows[1]["speed-up"] = "1.0×"
-    same = "" if device == "cuda" else f"; same texts: {'yes' if b_texts == s_texts else 'NO'}"
+    rows[2]["speed-up"] = f"{(c_n / c_s) / (s_n / s_s):.1f}×"
+    same = (
+        ""
+        if device == "cuda"
+        else f"; same texts: {'yes' if b_texts == s_texts == c_texts else 'NO'}"
+    )
     out = "\n".join(
         [
             f"# generation · {header(device)}",

@@ -231,6 +231,21 @@ def _kv_per_token(config, width: int) -> int:
     return 2 * text.num_hidden_layers * kv * head_dim * width
 
 
+def sequence_bytes(config, dtype: torch.dtype, prompt_length: int, new_tokens: int) -> int:
+    """What one sequence of generation holds beside the weights: its KV cache over prompt and
+    new tokens, the last position's logits in fp32 twice (processors, sampling), and prefill's
+    transient rows (an estimate). The generation stage's count and ``auto_batch_size``'s."""
+    text = _text_config(config)
+    width = _width(dtype)
+    hidden, vocab = text.hidden_size, text.vocab_size
+    inter = getattr(text, "intermediate_size", None) or 4 * hidden
+    return (
+        _kv_per_token(config, width) * (prompt_length + new_tokens)
+        + vocab * 8
+        + prompt_length * (2 * hidden + 2 * inter) * width
+    )
+
+
 def _block_devices(blocks: int, gpus: int) -> list[int]:
     """Which GPU each decoder block goes to when ``gpus`` share a model (contiguous, even)."""
     return [b * gpus // blocks for b in range(blocks)]
@@ -274,7 +289,7 @@ def plan_run(
     )
     plan.stages.append(_eigenbases(plan, layers))
     plan.stages.append(_editing(plan, layers, weights, usable, machine.gpus))
-    plan.stages.append(_generation(plan, weights, kv_token, (hidden, inter, vocab), usable))
+    plan.stages.append(_generation(plan, weights, kv_token, config, usable))
     if machine.host_memory is not None:
         for stage in plan.stages:
             if stage.fits and stage.on("host") > machine.host_memory:
@@ -463,16 +478,10 @@ def _editing(plan: RunPlan, layers, weights: int, usable: int, g: int) -> Stage:
     )
 
 
-def _generation(plan: RunPlan, weights: int, kv_token: int, widths, usable: int) -> Stage:
+def _generation(plan: RunPlan, weights: int, kv_token: int, config, usable: int) -> Stage:
     s, m = plan.settings, plan.machine
-    hidden, inter, vocab = widths
-    width = _width(s.dtype)
     tokens = s.prompt_length + s.new_tokens
-    per_sequence = (
-        kv_token * tokens  # the KV cache of the whole sequence
-        + vocab * 8  # the last position's logits in fp32, twice (processors, sampling)
-        + s.prompt_length * (2 * hidden + 2 * inter) * width  # prefill's transient rows
-    )
+    per_sequence = sequence_bytes(config, s.dtype, s.prompt_length, s.new_tokens)
     plan.facts["generation_bytes_per_sequence"] = per_sequence
     g = m.gpus  # generation runs in one process over every GPU of the machine
     room = g * usable - weights if g else None

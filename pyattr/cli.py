@@ -573,7 +573,11 @@ def _asr_options(args) -> dict:
         "batch_size": args.batch_size,
         "backend": args.backend,
         "bare_newline": released,
-    }
+    } | (
+        {"hf_options": {"cache": args.cache}}
+        if getattr(args, "cache", "dynamic") != "dynamic"
+        else {}
+    )
 
 
 def _limit(value: float | None) -> int | float | None:
@@ -1327,6 +1331,11 @@ def _plan(args) -> int:
     return 0 if all(stage.fits for stage in plan.stages) or not args.check else 1
 
 
+def _batch(text: str) -> int | str:
+    """--batch-size: a whole number >= 1, or "auto"."""
+    return "auto" if text == "auto" else _positive(text)
+
+
 def _positive(text: str) -> int:
     """An argument that counts something: a whole number >= 1, checked before any work."""
     try:
@@ -1373,8 +1382,19 @@ def _asr_parser(
     asr.add_argument("--min-words", type=int, help="short responses count as refusals")
     _judge_argument(asr, judge)
     asr.add_argument("--max-new-tokens", type=_positive)
-    asr.add_argument("--batch-size", type=_positive, default=32)
+    asr.add_argument(
+        "--batch-size",
+        type=_batch,
+        default=32,
+        help="prompts per batch, or auto: the largest whose KV cache fits in free memory",
+    )
     asr.add_argument("--backend", choices=["hf", "vllm"], default="hf")
+    asr.add_argument(
+        "--cache",
+        choices=["dynamic", "static"],
+        default="dynamic",
+        help="the hf backend's KV cache: static is compiled on a GPU (fewer kernel launches)",
+    )
     asr.add_argument(
         "--released-format",
         action=argparse.BooleanOptionalAction,

@@ -247,10 +247,12 @@ def pad(
     *,
     left: bool = False,
     dtype: torch.dtype = torch.long,
+    multiple: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, L) ``rows`` padded with ``value`` to the longest, on the right (or the ``left``:
-    generation), and the (B, L) long mask that is 1 on real entries (the attention mask)."""
-    width = max(len(r) for r in rows)
+    """(B, L) ``rows`` padded with ``value`` to the longest (rounded up to a ``multiple``), on
+    the right (or the ``left``: generation), and the (B, L) long mask that is 1 on real entries
+    (the attention mask)."""
+    width = -(-max(len(r) for r in rows) // multiple) * multiple
     out = torch.full((len(rows), width), value, dtype=dtype)
     mask = torch.zeros(len(rows), width, dtype=torch.long)
     for i, row in enumerate(rows):

@@ -27,6 +27,7 @@ def test_generation_benchmark_smoke():
 
     out = generation.main(["--quick"])
     assert "one prompt at a time" in out and "same texts: yes" in out
+    assert "batched, static cache" in out
 
 
 def test_toy_asr_smoke():

@@ -45,7 +45,7 @@ from torch import nn
 from ..data import is_wrapped, load_prompts, prompt_ids
 from ..io import RecordLog, atomic_write, config_digest, weight_digest
 from ..models import check_finite, context_length
-from .generate import Generator, batches, check_fits, make_generator
+from .generate import Generator, auto_batch_size, batches, check_fits, make_generator
 from .judge import Judge, KeywordJudge
 
 __all__ = [
@@ -387,13 +387,14 @@ def attack_success(
     temperature: float = 1.0,
     decoding_aggregate: Literal["any", "mean"] = "any",
     max_new_tokens: int | None = None,
-    batch_size: int = 32,
+    batch_size: int | str = 32,
     seed: int = 0,
     out: str | Path | None = None,
     backend: Literal["hf", "vllm"] | Generator = "hf",
     vllm_options: dict | None = None,
     bare_newline: bool = False,
     progress: bool = True,
+    hf_options: dict | None = None,
 ) -> AsrReport:
     """ASR of ``model`` on harmful ``prompts`` (plain requests) in each of ``variants``.
 
@@ -405,13 +406,21 @@ def attack_success(
     fit is an error. out: a folder for ``responses.jsonl`` and ``summary.json`` (and resuming).
     backend: Hugging Face ``generate`` ("hf") or vLLM ("vllm", with ``vllm_options`` for its
     ``LLM``; give it a large ``batch_size``, as it schedules each batch itself), or any
-    ``Generator`` (yours stays open; one made here is closed at the end).
+    ``Generator`` (yours stays open; one made here is closed at the end); ``hf_options`` go to
+    ``HfGenerator`` (``{"cache": "static"}``: a static KV cache, compiled on a GPU).
     prompts=None takes the held-out set a model carries in its config
     (``config.pyattr_harmful_prompts``: the toy model does), else it is an error.
     bare_newline: end each bare-text prompt (Adv-Decoding) with a newline, as the released code
-    did (with ``LLAMA2_SYSTEM_PROMPT_RELEASED``, its prompts exactly).
+    did (with ``LLAMA2_SYSTEM_PROMPT_RELEASED``, its prompts exactly). batch_size: a count, or
+    "auto": the largest batch that fits in the device's free memory now
+    (``generate.auto_batch_size``), resolved once and recorded as a count (a resumed run keeps
+    its responses when it resolves to the same count).
     """
-    for name, value in (("batch_size", batch_size), ("max_new_tokens", max_new_tokens)):
+    auto = batch_size == "auto"
+    for name, value in (
+        ("batch_size", 1 if auto else batch_size),
+        ("max_new_tokens", max_new_tokens),
+    ):
         if value is not None and (
             isinstance(value, bool) or not isinstance(value, int) or value < 1
         ):
@@ -441,6 +450,11 @@ def attack_success(
         for job in jobs
     }
     max_new_tokens = _new_tokens(model, encoded, max_new_tokens)
+    if auto:  # resolved once, from the longest prompt of any variant; the count is recorded
+        if not isinstance(model, nn.Module):
+            raise ValueError("batch_size='auto' needs the model in memory to size its batches")
+        longest = max((e for ids in encoded.values() for e in ids), key=len)
+        batch_size = auto_batch_size(model, [longest] * len(prompts), max_new_tokens)
     for job in jobs:  # before any generation: an error now loses no work
         try:
             check_fits(model, [len(ids) for ids in encoded[job.key]], max_new_tokens)
@@ -467,6 +481,8 @@ def attack_success(
     }
     if bare_newline:  # only then: the digests of earlier runs stay what they were
         config["bare_newline"] = True
+    if (hf_options or {}).get("cache", "dynamic") != "dynamic":
+        config["cache"] = hf_options["cache"]
     # The aggregation is not part of the digest: a run resumed with another one reuses the
     # responses it has.
     digest = config_digest({k: v for k, v in config.items() if "aggregate" not in k})
@@ -488,7 +504,11 @@ def attack_success(
             done = _complete_batches(log, jobs, encoded, settings["batch_size"])
         records = list(log.records) if log is not None else []
         owned = isinstance(backend, str)
-        generator = make_generator(backend, model, tokenizer, vllm_options) if owned else backend
+        generator = (
+            make_generator(backend, model, tokenizer, vllm_options, hf_options)
+            if owned
+            else backend
+        )
         try:
             records += _generate(
                 generator,

@@ -5,10 +5,18 @@ running out of memory happens at once, not an hour in). Sampling is seeded per b
 ``(seed, batch index)`` inside a forked RNG: the same call gives the same text, a resumed run
 regenerates a batch exactly, and the caller's RNG state is left alone. Sampling is plain
 temperature sampling: ``top_p``/``top_k`` from the model's generation config are switched off.
+
+At scale (``cache="static"``): a static KV cache, which transformers compiles the forward for on
+a GPU (``compile=False`` turns that off); prompt widths are rounded up to a multiple of 64 so
+that a handful of shapes is compiled, not one per batch (left padding changes no text; not
+past the model's context).
+``batch_size="auto"`` takes the largest batch whose KV cache, logits and prefill rows
+(``pyattr.capacity.sequence_bytes``) fit in the free memory of the device.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 from typing import Protocol, runtime_checkable
 
@@ -22,6 +30,7 @@ from ..models import pad as pad_rows
 __all__ = [
     "Generator",
     "HfGenerator",
+    "auto_batch_size",
     "batches",
     "check_fits",
     "check_request",
@@ -40,6 +49,43 @@ def batches(
     for index, start in enumerate(range(0, len(order), batch_size)):
         if index not in skip:
             yield index, order[start : start + batch_size]
+
+
+STATIC_WIDTH = 64  # prompt widths under a static cache: multiples of this (few compiled shapes)
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes free for generation on ``device``: CUDA's free memory, or the host's available
+    memory for the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # no sysconf: assume 8 GiB
+        return 8 << 30
+
+
+def auto_batch_size(
+    model: nn.Module,
+    encoded: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    *,
+    free: int | None = None,
+    share: float = 0.8,
+) -> int:
+    """The largest batch whose sequences (KV cache of the longest prompt plus
+    ``max_new_tokens``, last-position logits, prefill rows; ``capacity.sequence_bytes``) fit
+    in ``share`` of the ``free`` bytes (default: what the input device has free now), at least
+    1 and at most the number of prompts."""
+    from ..capacity import sequence_bytes
+
+    if not encoded:
+        raise ValueError("no prompts to generate from")
+    dtype = next(model.parameters()).dtype
+    longest = -(-max(len(e) for e in encoded) // STATIC_WIDTH) * STATIC_WIDTH
+    per_sequence = sequence_bytes(model.config, dtype, longest, max_new_tokens)
+    free = free_memory(input_device(model)) if free is None else free
+    return max(1, min(len(encoded), int(free * share) // per_sequence))
 
 
 def check_fits(model: nn.Module, lengths: Sequence[int], max_new_tokens: int) -> None:
@@ -92,18 +138,43 @@ def generate_batches(
     temperature: float = 1.0,
     seed: int = 0,
     skip: frozenset[int] = frozenset(),
+    cache: str = "dynamic",
+    compile: bool | None = None,
 ) -> Iterator[tuple[int, list[int], list[str]]]:
     """Yield ``(batch index, prompt indices, responses)`` batch by batch for token-id prompts;
-    ``skip`` leaves out batches by index (a resumed run), without changing the others."""
+    ``skip`` leaves out batches by index (a resumed run), without changing the others.
+    ``batch_size``: a count or "auto" (``auto_batch_size``); ``cache``: "dynamic" or "static"
+    (compiled on a GPU unless ``compile=False``; see the module's docstring)."""
+    if cache not in ("dynamic", "static"):
+        raise ValueError(f"cache must be 'dynamic' or 'static', got {cache!r}")
+    if batch_size == "auto":
+        if skip:
+            raise ValueError(
+                "batch_size='auto' cannot resume by batch index: resolve it once with "
+                "auto_batch_size and pass the count"
+            )
+        batch_size = auto_batch_size(model, encoded, max_new_tokens) if encoded else 1
     check_request(model, encoded, max_new_tokens, batch_size, do_sample, temperature)
     pad = pad_id(tokenizer)
     device = input_device(model)
     options = {"temperature": temperature, "top_p": 1.0, "top_k": 0} if do_sample else {}
+    if cache == "static":
+        options["cache_implementation"] = "static"
+    if compile is False:
+        options["disable_compile"] = True
+    context = context_length(model)
     was_training = model.training
     model.eval()
     try:
         for index, chunk in batches(encoded, batch_size, skip):
-            ids, attention = pad_rows([list(encoded[i]) for i in chunk], pad, left=True)
+            rows = [list(encoded[i]) for i in chunk]
+            multiple = 1
+            if cache == "static":  # rounded up, unless that overflows the context
+                wide = -(-max(len(r) for r in rows) // STATIC_WIDTH) * STATIC_WIDTH
+                multiple = (
+                    STATIC_WIDTH if context is None or wide + max_new_tokens <= context else 1
+                )
+            ids, attention = pad_rows(rows, pad, left=True, multiple=multiple)
             width = ids.shape[1]
             cuda = [device] if device.type == "cuda" else []
             with torch.random.fork_rng(devices=cuda):
@@ -135,9 +206,12 @@ def generate(
     do_sample: bool = False,
     temperature: float = 1.0,
     seed: int = 0,
+    cache: str = "dynamic",
+    compile: bool | None = None,
 ) -> list[str]:
     """The model's response to each prompt (chat-formatted as in calibration), decoded without
-    special tokens. Greedy by default; ``do_sample`` samples at ``temperature``, seeded."""
+    special tokens. Greedy by default; ``do_sample`` samples at ``temperature``, seeded;
+    ``batch_size``, ``cache``, ``compile``: as ``generate_batches``."""
     if not prompts:
         raise ValueError("no prompts to generate from")
     encoded = [prompt_ids(tokenizer, p, system_prompt, wrapped) for p in prompts]
@@ -151,6 +225,8 @@ def generate(
         do_sample=do_sample,
         temperature=temperature,
         seed=seed,
+        cache=cache,
+        compile=compile,
     ):
         for i, text in zip(indices, texts, strict=True):
             out[i] = text
@@ -182,28 +258,39 @@ class Generator(Protocol):
 
 
 class HfGenerator:
-    """Hugging Face ``generate`` on the model in memory (``generate_batches``)."""
+    """Hugging Face ``generate`` on the model in memory (``generate_batches``); ``cache`` and
+    ``compile`` as there (a static, compiled KV cache on a GPU)."""
 
     name = "hf"
 
-    def __init__(self, model: nn.Module, tokenizer) -> None:
+    def __init__(
+        self, model: nn.Module, tokenizer, *, cache: str = "dynamic", compile: bool | None = None
+    ) -> None:
+        if cache not in ("dynamic", "static"):
+            raise ValueError(f"cache must be 'dynamic' or 'static', got {cache!r}")
         self.model, self.tokenizer = model, tokenizer
+        self.options = {"cache": cache, "compile": compile}
 
     def batches(self, encoded, **options) -> Iterator[tuple[int, list[int], list[str]]]:
-        return generate_batches(self.model, self.tokenizer, encoded, **options)
+        return generate_batches(self.model, self.tokenizer, encoded, **(self.options | options))
 
     def close(self) -> None:
         """Nothing to free: the model belongs to the caller."""
 
 
 def make_generator(
-    backend: str, model: nn.Module, tokenizer, vllm_options: dict | None = None
+    backend: str,
+    model: nn.Module,
+    tokenizer,
+    vllm_options: dict | None = None,
+    hf_options: dict | None = None,
 ) -> Generator:
-    """The named backend: "hf" or "vllm" (with ``vllm_options`` for ``vllm.LLM``)."""
+    """The named backend: "hf" (with ``hf_options`` for ``HfGenerator``: cache, compile) or
+    "vllm" (with ``vllm_options`` for ``vllm.LLM``)."""
     if backend == "vllm":
         from .vllm_backend import VllmEngine
 
         return VllmEngine(model, tokenizer, **(vllm_options or {}))
     if backend == "hf":
-        return HfGenerator(model, tokenizer)
+        return HfGenerator(model, tokenizer, **(hf_options or {}))
     raise ValueError(f"backend must be 'hf' or 'vllm', got {backend!r}")

@@ -5,8 +5,9 @@
 
 Each mode runs in its own process: a random Llama with Llama-2-7B's block shapes (hidden 4096,
 MLP 11008, 32 heads; a small vocabulary), statistics of 8 random sequences of 64 tokens, then
-the eigenbases of every linear layer, in memory (``pyattr.eigenbases``) or streamed
-(``pyattr.eigenstore.stream_eigenbases``). The figure is the peak resident memory during that
+the eigenbases of every linear layer, in memory (``pyattr.eigenbases``), streamed with the
+in-memory routes, or streamed with the lean route (``pyattr.eigenstore.stream_eigenbases``'s
+default). The figure is the peak resident memory during that
 step above the resident memory when it starts (model and statistics already there), sampled
 every 5 ms from /proc/self/statm, beside the size of the largest single layer's basis (gate/up:
 11008 × 4096).
@@ -26,6 +27,11 @@ import time
 from benchmarks.common import header, table
 
 SHAPE = {"hidden_size": 4096, "intermediate_size": 11008, "num_attention_heads": 32}
+MODES = {
+    "memory": "in memory (`pyattr.eigenbases`)",
+    "streamed": "streamed, route auto (`stream_eigenbases(route='auto')`)",
+    "lean": "streamed, lean route (`stream_eigenbases`, the default)",
+}
 
 
 def _rss() -> int:
@@ -65,8 +71,9 @@ def _child(mode: str, blocks: int, dtype: str, folder: str) -> dict:
     t0 = time.perf_counter()
     if mode == "memory":
         kept = pyattr.eigenbases(model, stats, dtype=kind, progress=False)
-    else:
-        kept = stream_eigenbases(model, stats, folder, dtype=kind, progress=False)
+    else:  # "streamed": the in-memory routes one layer at a time; "lean": the lean route
+        route = "lean" if mode == "lean" else "auto"
+        kept = stream_eigenbases(model, stats, folder, dtype=kind, route=route, progress=False)
     seconds = time.perf_counter() - t0
     running[0] = False
     thread.join()
@@ -79,6 +86,9 @@ def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--blocks", type=int, default=2)
     parser.add_argument("--dtype", choices=["float64", "float32"], default="float64")
+    parser.add_argument(
+        "--modes", nargs="+", choices=list(MODES), default=list(MODES), help="which to run"
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -89,14 +99,14 @@ def main(argv: list[str] | None = None) -> str:
     one_layer = 11008 * 4096 * width  # gate/up: d_out × R
     per_block = (4 * 4096 * 4096 + 3 * 11008 * 4096) * width  # q, k, v, o, down: 4096²
     rows = []
-    for mode in ("memory", "streamed"):
+    for mode in args.modes:
         command = [sys.executable, "-m", "benchmarks.eigen_memory", "--child", mode]
         command += ["--blocks", str(args.blocks), "--dtype", args.dtype]
         out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
         result = json.loads(out.strip().splitlines()[-1])
         rows.append(
             {
-                "mode": mode,
+                "mode": MODES[mode],
                 "peak": f"{result['peak_above_start'] / 2**20:,.0f} MiB",
                 "ratio": f"{result['peak_above_start'] / one_layer:.2f}",
                 "s": f"{result['seconds']:.1f}",

@@ -900,7 +900,11 @@ def _run_sweep(
         direction=direction,
         calibration=calibration,
     )
-    rows = run_points(editor, points, table, _measurement(args, tok, toy_model))
+    measure = _measurement(args, tok, toy_model)
+    try:
+        rows = run_points(editor, points, table, measure)
+    finally:
+        measure.close()
     report_config = config | ({"notes": list(notes)} if notes else {})
     path = write_report(out, rows, report_config)
     from pyattr.report import markdown_table, summary_rows

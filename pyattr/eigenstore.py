@@ -3,8 +3,9 @@
 ``eigenbases`` keeps every layer's eigenvectors in memory: d_out·R·8 bytes per layer in fp64,
 about 45 GB per data set for a 7B model and several hundred for 70B. ``stream_eigenbases``
 computes one layer's basis on the layer's device, writes it to its own safetensors file
-(atomically) and drops it before the next, so the host holds at most one layer's basis (plus
-the write's copy of it) above the model and its statistics. The eigenvectors are stored
+(atomically, straight from the tensor's memory) and drops it before the next; with the lean
+route (``lean_eigenbasis``, the default) the host holds under twice one layer's basis above
+the model and its statistics. The eigenvectors are stored
 transposed, row k the k-th eigenvector, so the leading k an edit needs are a contiguous
 prefix of the file: ``EigenStore[name].top(k)`` reads only those through a memory map.
 
@@ -24,7 +25,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .io import atomic_write, save_tensors
+from ._version import __version__
+from .io import atomic_write, weight_digest
 from .models import LinearLayer, find_linear_layers
 from .offload import read
 from .stats import Stats
@@ -91,6 +93,123 @@ class EigenStore(Mapping):
         return len(self.layers)
 
 
+CHUNK = 1024  # rows of W or C converted to the eigen dtype at a time by the lean route
+
+
+@torch.no_grad()
+def lean_eigenbasis(
+    weight: torch.Tensor,
+    covariance: torch.Tensor,
+    n: int,
+    *,
+    keep: int | None = None,
+    dtype: torch.dtype = torch.float64,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(values (R,), eigenvectors transposed (keep, d_out), R) of ``A = W (C/n) Wᵀ`` in little
+    memory: neither W nor C is copied whole into ``dtype`` (chunks of ``CHUNK`` rows are), and
+    no d_out × d_out or d_out × d_in work matrix is made beyond the output itself.
+
+    d_out ≤ d_in: A is accumulated chunk by chunk of C's rows and decomposed (``eigh``).
+    d_out > d_in (gate/up): from C/n = F Fᵀ and the Gram matrix G = WᵀW (accumulated by row
+    chunks), M = Fᵀ G F (d_in × d_in) has A's nonzero eigenvalues, and its eigenvectors Q map to
+    A's as U = W F Q Σ^{-1}, written row chunk by row chunk into the output; directions of A's
+    zero eigenvalues are an orthonormal completion (seeded), and one CholeskyQR pass keeps the
+    rows orthonormal to rounding while every prefix spans the same leading subspace.
+
+    Accuracy: both branches form the squared problem, as the direct route (``lowrank.
+    eigenbasis(route="direct")``) does; the input route's SVD is more accurate for the bottom
+    of the spectrum. Eigenvalues agree with it to rounding; leading eigenvectors up to sign."""
+    d_out, d_in = weight.shape
+    rank = min(d_out, d_in)
+    keep = rank if keep is None else keep
+    if not 0 <= keep <= rank:
+        raise ValueError(f"keep={keep} is outside [0, R] = [0, {rank}]")
+    device = weight.device
+    if d_out <= d_in:
+        w = weight.detach().to(dtype)
+        a = torch.zeros(d_out, d_out, dtype=dtype, device=device)
+        for k in range(0, d_in, CHUNK):
+            rows = covariance[k : k + CHUNK].to(device=device, dtype=dtype)
+            a.addmm_(w[:, k : k + CHUNK], rows @ w.T)
+        del w
+        a.div_(n)
+        values, vectors = torch.linalg.eigh(a)  # reads the lower triangle
+        del a
+        return values.flip(0)[:rank].contiguous(), vectors.flip(1)[:, :keep].T.contiguous(), rank
+    lam, f = torch.linalg.eigh(covariance.to(device=device, dtype=dtype))
+    f.mul_(lam.clamp(min=0).div(n).sqrt())  # C/n = F Fᵀ
+    del lam
+    g = torch.zeros(d_in, d_in, dtype=dtype, device=device)
+    for k in range(0, d_out, CHUNK):
+        rows = weight[k : k + CHUNK].detach().to(dtype)
+        g.addmm_(rows.T, rows)
+    gf = g @ f
+    del g
+    m = f.T @ gf
+    del gf
+    sigma2, q = torch.linalg.eigh(m)
+    del m
+    sigma2, q = sigma2.flip(0).clamp(min=0), q.flip(1)[:, :keep]
+    t = f @ q
+    del f, q
+    top = sigma2[0] if sigma2.numel() else torch.zeros((), dtype=dtype)
+    good = sigma2[:keep] > top * d_in * torch.finfo(dtype).eps
+    t[:, good] /= sigma2[:keep][good].sqrt()
+    out = torch.empty(keep, d_out, dtype=dtype, device=device)
+    for k in range(0, d_out, CHUNK):
+        out[:, k : k + CHUNK] = t.T @ weight[k : k + CHUNK].detach().to(dtype).T
+    del t
+    bad = (~good).nonzero().flatten()
+    if len(bad):  # A's null space: any orthonormal completion of the directions found
+        gen = torch.Generator().manual_seed(seed)
+        fill = torch.randn(len(bad), d_out, generator=gen, dtype=dtype).to(device)
+        found = out[good]
+        for _ in range(2):
+            fill -= (fill @ found.T) @ found
+        out[bad] = torch.linalg.qr(fill.T).Q.T
+        del found, fill
+    if keep:  # CholeskyQR: out ← L⁻¹ out with L Lᵀ = out outᵀ (row k stays in rows ≤ k's span)
+        chol = torch.linalg.cholesky(out @ out.T)
+        for k in range(0, d_out, CHUNK):
+            out[:, k : k + CHUNK] = torch.linalg.solve_triangular(
+                chol, out[:, k : k + CHUNK], upper=False
+            )
+    return sigma2[:rank].contiguous(), out, rank
+
+
+def _write_layer(path: Path, tensors: dict[str, torch.Tensor], metadata: dict) -> None:
+    """A safetensors file written straight from the tensors' memory (``save_file`` makes a
+    bytes copy of each first), keys and metadata sorted, atomically."""
+    from .io import write_atomically
+
+    header: dict = {"__metadata__": dict(sorted(metadata.items()))}
+    offset = 0
+    names = sorted(tensors)
+    arrays = {name: tensors[name].detach().contiguous().cpu() for name in names}
+    for name in names:
+        t = arrays[name]
+        size = t.numel() * t.element_size()
+        dtype = {torch.float64: "F64", torch.float32: "F32"}[t.dtype]
+        header[name] = {
+            "dtype": dtype,
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(len(raw).to_bytes(8, "little"))
+            f.write(raw)
+            for name in names:
+                f.write(memoryview(arrays[name].numpy()).cast("B"))
+
+    write_atomically(path, write)
+
+
 def _file_name(index: int, name: str) -> str:
     return f"{index:04d}-{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.safetensors"
 
@@ -103,16 +222,18 @@ def stream_eigenbases(
     layers: Sequence[LinearLayer] | None = None,
     keep: int | None = None,
     dtype: torch.dtype | None = None,
-    route: str = "auto",
+    route: str = "lean",
     progress: bool = True,
 ) -> EigenStore:
-    """Every layer's eigenbasis (``pyattr.lowrank.eigenbasis``) computed on its weight's device,
-    written to ``folder`` one file per layer as it finishes, then freed; returns the lazy
-    store. ``keep``: eigenvectors kept per layer (all R by default); ``dtype``: float64 on the
-    CPU, float32 on a GPU unless given."""
+    """Every layer's eigenbasis computed on its weight's device, written to ``folder`` one
+    file per layer as it finishes, then freed; returns the lazy store. ``keep``: eigenvectors
+    kept per layer (all R by default); ``dtype``: float64 on the CPU, float32 on a GPU unless
+    given. ``route``: "lean" (``lean_eigenbasis``: host memory under twice one layer's basis)
+    or a route of ``pyattr.lowrank.eigenbasis`` ("auto", "direct", "input": the bases of
+    ``pyattr.eigenbases`` bit for bit)."""
     from tqdm.auto import tqdm
 
-    from .lowrank import _covariance_for, eigenbasis
+    from .lowrank import _check_covariance, _covariance_for, eigenbasis
 
     folder = Path(folder)
     (folder / INDEX).unlink(missing_ok=True)  # the old index goes first: no stale mix
@@ -123,27 +244,29 @@ def stream_eigenbases(
         covariance, n = _covariance_for(stats, layer)
         w = read(layer)
         kind = dtype or (torch.float32 if w.device.type == "cuda" else torch.float64)
-        basis = eigenbasis(
-            w,
-            covariance,
-            n,
-            keep=None if keep is None else min(keep, layer.d_out, layer.d_in),
-            dtype=kind,
-            name=layer.name,
-            route=route,
-        )
+        kept = None if keep is None else min(keep, layer.d_out, layer.d_in)
+        if route == "lean":
+            _check_covariance(layer.name, covariance, n, layer.d_in)
+            values, vectors_t, rank = lean_eigenbasis(w, covariance, n, keep=kept, dtype=kind)
+        else:
+            basis = eigenbasis(
+                w, covariance, n, keep=kept, dtype=kind, name=layer.name, route=route
+            )
+            values, vectors_t, rank = basis.values, basis.vectors.T, basis.rank
+            del basis
         file = _file_name(index, layer.name)
-        tensors = {"values": basis.values, "vectors_t": basis.vectors.T}
-        save_tensors(tensors, folder / file, format=FORMAT, metadata={"layer": layer.name})
+        tensors = {"values": values, "vectors_t": vectors_t}
+        metadata = {"format": FORMAT, "pyattr": __version__, "layer": layer.name}
+        _write_layer(folder / file, tensors, metadata)
         entries[layer.name] = {
             "file": file,
-            "rank": basis.rank,
-            "kept": basis.kept,
+            "rank": rank,
+            "kept": vectors_t.shape[0],
             "d_out": layer.d_out,
-            "digest": basis.digest,
+            "digest": weight_digest(w),
             "dtype": str(kind).removeprefix("torch."),
         }
-        del basis, tensors, covariance
+        del values, vectors_t, tensors, covariance, w
     payload = {
         "format": "pyattr.eigen-store/1",
         "layers": entries,

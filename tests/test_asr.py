@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import sys
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -330,6 +332,65 @@ def test_vllm_backend_gives_the_same_records(model, monkeypatch, tmp_path):
     assert {c[2]["max_tokens"] for c in generated} == {6}
     with pytest.raises(ValueError, match="backend must be"):
         run(model, tok, backend="tgi")
+
+
+class FakeVllmInPlace(FakeVllm):
+    """``FakeVllm`` whose ``LLM`` takes a worker extension and ``collective_rpc`` (vLLM's
+    interface for it) and has ``reset_prefix_cache``: the worker's model is the loaded one,
+    and ``load_weights`` takes (Hugging Face name, tensor) pairs, as vLLM's models do."""
+
+    class LLM(FakeVllm.LLM):
+        def __init__(self, model, tokenizer, worker_extension_cls, **settings):
+            import importlib
+            from types import SimpleNamespace
+
+            super().__init__(model, tokenizer, **settings)
+            module, _, name = worker_extension_cls.rpartition(".")
+            self.worker = getattr(importlib.import_module(module), name)()
+            self.worker.model_runner = SimpleNamespace(
+                model=SimpleNamespace(load_weights=self._load)
+            )
+
+        def _load(self, weights):
+            self.model.load_state_dict(dict(weights), strict=False)
+
+        def collective_rpc(self, method, args=()):
+            FakeVllm.calls.append(("rpc", method, sorted(name for name, _ in args[0])))
+            return [getattr(self.worker, method)(*args)]
+
+        def reset_prefix_cache(self):
+            FakeVllm.calls.append(("reset",))
+
+
+@pytest.mark.parametrize("fake", [FakeVllmInPlace, FakeVllm], ids=["in place", "reloaded"])
+def test_a_sweep_updates_one_vllm_engine_per_point(model, monkeypatch, fake):
+    from pyattr.evaluate import Measurement
+
+    tok = tokenizer()
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    FakeVllm.calls.clear()
+    asr = {"variants": ["vanilla"], "judge": JUDGE, "max_new_tokens": 6, "batch_size": 4}
+    asr |= {"system_prompt": "be safe", "prompts": PROMPTS, "backend": "vllm"}
+    measure = Measurement(tok, asr)
+    edited = copy.deepcopy(model)
+    with torch.no_grad():
+        edited.model.layers[1].mlp.down_proj.weight.mul_(-3)
+    reloads = fake is FakeVllm  # this vLLM says so once, then saves and restarts per point
+    with pytest.warns(UserWarning, match="no worker extension") if reloads else nullcontext():
+        rows = [measure(m) for m in (model, edited, edited)]
+    hf = Measurement(tok, asr | {"backend": "hf"})
+    assert rows == [hf(model), hf(edited), hf(edited)]
+    engine = measure._engine
+    measure.close()
+    starts = [c for c in FakeVllm.calls if c[0] == "LLM"]
+    if fake is FakeVllmInPlace:
+        assert len(starts) == 1 and engine.updates["in place"] == 1
+        (rpc,) = [c for c in FakeVllm.calls if c[0] == "rpc"]
+        assert rpc == ("rpc", "pyattr_load_weights", ["model.layers.1.mlp.down_proj.weight"])
+        assert ("reset",) in FakeVllm.calls
+    else:
+        assert len(starts) == 2 and engine.updates["reloaded"] == 1
+    assert engine.updates["unchanged"] == 1
 
 
 def test_a_new_variant_is_one_row_of_the_table(model):

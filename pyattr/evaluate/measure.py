@@ -48,11 +48,33 @@ class Measurement:
         self.tokenizer, self.asr, self.others = tokenizer, dict(asr), others
         self.second_judge = others[0] if others else None
         self.utility, self.text = utility, text
+        self._engine = None
+
+    def _options(self, model: nn.Module) -> dict:
+        """attack_success's options; with the vLLM backend one engine serves every call,
+        updated to each model (``VllmEngine.update``) rather than saved and started again."""
+        if self.asr.get("backend") != "vllm":
+            return self.asr
+        from .vllm_backend import VllmEngine
+
+        if self._engine is None:
+            self._engine = VllmEngine(model, self.tokenizer, **(self.asr.get("vllm_options") or {}))
+        else:
+            self._engine.update(model)
+        rest = {k: v for k, v in self.asr.items() if k not in ("backend", "vllm_options")}
+        return rest | {"backend": self._engine}
+
+    def close(self) -> None:
+        """Free the vLLM engine, if one was started."""
+        if self._engine is not None:
+            self._engine.close()
+            self._engine = None
 
     def __call__(self, model: nn.Module) -> dict:
         from .. import evaluate  # looked up at call time: ``evaluate.attack_success`` is the seam
 
-        report = evaluate.attack_success(model, self.tokenizer, progress=False, **self.asr)
+        options = self._options(model)
+        report = evaluate.attack_success(model, self.tokenizer, progress=False, **options)
         row: dict = {"asr": report.asr}
         if self.others:
             row |= judged_again(report, self.others)

@@ -110,7 +110,8 @@ def lean_eigenbasis(
     memory: neither W nor C is copied whole into ``dtype`` (chunks of ``CHUNK`` rows are), and
     no d_out × d_out or d_out × d_in work matrix is made beyond the output itself.
 
-    d_out ≤ d_in: A is accumulated chunk by chunk of C's rows and decomposed (``eigh``).
+    d_out ≤ d_in: A is accumulated chunk by chunk of C's rows (and W's) and decomposed
+    (``eigh``).
     d_out > d_in (gate/up): from C/n = F Fᵀ and the Gram matrix G = WᵀW (accumulated by row
     chunks), M = Fᵀ G F (d_in × d_in) has A's nonzero eigenvalues, and its eigenvectors Q map to
     A's as U = W F Q Σ^{-1}, written row chunk by row chunk into the output; directions of A's
@@ -127,12 +128,16 @@ def lean_eigenbasis(
         raise ValueError(f"keep={keep} is outside [0, R] = [0, {rank}]")
     device = weight.device
     if d_out <= d_in:
-        w = weight.detach().to(dtype)
+        w = weight.detach()
         a = torch.zeros(d_out, d_out, dtype=dtype, device=device)
-        for k in range(0, d_in, CHUNK):
+        for k in range(0, d_in, CHUNK):  # A += W[:, K] (C[K, :] Wᵀ), Wᵀ's columns by chunks
             rows = covariance[k : k + CHUNK].to(device=device, dtype=dtype)
-            a.addmm_(w[:, k : k + CHUNK], rows @ w.T)
-        del w
+            part = torch.empty(rows.shape[0], d_out, dtype=dtype, device=device)
+            for j in range(0, d_out, CHUNK):
+                part[:, j : j + CHUNK] = rows @ w[j : j + CHUNK].to(dtype).T
+            a.addmm_(w[:, k : k + CHUNK].to(dtype), part)
+        del rows, part
+        _trim()
         a.div_(n)
         values, vectors = torch.linalg.eigh(a)  # reads the lower triangle
         del a
@@ -144,6 +149,8 @@ def lean_eigenbasis(
     for k in range(0, d_out, CHUNK):
         rows = weight[k : k + CHUNK].detach().to(dtype)
         g.addmm_(rows.T, rows)
+    del rows
+    _trim()
     gf = g @ f
     del g
     m = f.T @ gf
@@ -160,22 +167,50 @@ def lean_eigenbasis(
     for k in range(0, d_out, CHUNK):
         out[:, k : k + CHUNK] = t.T @ weight[k : k + CHUNK].detach().to(dtype).T
     del t
-    bad = (~good).nonzero().flatten()
-    if len(bad):  # A's null space: any orthonormal completion of the directions found
-        gen = torch.Generator().manual_seed(seed)
-        fill = torch.randn(len(bad), d_out, generator=gen, dtype=dtype).to(device)
-        found = out[good]
-        for _ in range(2):
-            fill -= (fill @ found.T) @ found
-        out[bad] = torch.linalg.qr(fill.T).Q.T
-        del found, fill
+    _trim()
+    # A's null space (C of low rank): any orthonormal completion of the rows found, which are
+    # a prefix (the eigenvalues descend), made a block of rows at a time against the rows above
+    found = int(good.sum())
+    gen = torch.Generator().manual_seed(seed)
+    for start in range(found, keep, CHUNK // 4):
+        rows = min(CHUNK // 4, keep - start)
+        fill = torch.randn(rows, d_out, generator=gen, dtype=dtype).to(device)
+        for _ in range(2):  # twice: orthogonal to rounding
+            fill.addmm_(fill @ out[:start].T, out[:start], alpha=-1)
+        out[start : start + rows] = torch.linalg.qr(fill.T).Q.T
+        del fill
+    _trim()
     if keep:  # CholeskyQR: out ← L⁻¹ out with L Lᵀ = out outᵀ (row k stays in rows ≤ k's span)
-        chol = torch.linalg.cholesky(out @ out.T)
-        for k in range(0, d_out, CHUNK):
+        gram = out @ out.T  # symmetric: its transpose is the same matrix, column-major
+        torch.linalg.cholesky(gram.mT, out=gram.mT)  # in place (no copy): gram now holds Lᵀ
+        for k in range(0, d_out, CHUNK):  # out[:, K] ← L⁻¹ out[:, K], as Xᵀ Lᵀ = out[:, K]ᵀ
+            block = out[:, k : k + CHUNK].mT
             out[:, k : k + CHUNK] = torch.linalg.solve_triangular(
-                chol, out[:, k : k + CHUNK], upper=False
-            )
+                gram, block, upper=True, left=False
+            ).mT
+        del gram
+        _trim()
     return sigma2[:rank].contiguous(), out, rank
+
+
+def _trim() -> None:
+    """Hand freed heap memory back to the OS (glibc's ``malloc_trim``; nothing elsewhere): the
+    many mid-sized temporaries of a decomposition otherwise stay in the process's resident
+    memory after they are freed."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            import ctypes
+
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
 
 
 def _write_layer(path: Path, tensors: dict[str, torch.Tensor], metadata: dict) -> None:
@@ -267,6 +302,7 @@ def stream_eigenbases(
             "dtype": str(kind).removeprefix("torch."),
         }
         del values, vectors_t, tensors, covariance, w
+        _trim()
     payload = {
         "format": "pyattr.eigen-store/1",
         "layers": entries,

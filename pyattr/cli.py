@@ -480,12 +480,22 @@ def _lowrank(args) -> int:
 
     if args.action == "edit":
         check_model_out(args.out, args.model)
+    elif args.stream:
+        if Path(args.out).exists() and not Path(args.out).is_dir():
+            raise SystemExit(f"pyattr: --out {args.out} is a file; --stream writes a folder")
     else:
         check_file_out(args.out, "safety.eigen.safetensors")
     model, tok = model_of(args)
     if args.action == "eigen":
         stats = _stats(args, args.stats, model)
-        bases = pyattr.eigenbases(model, stats, keep=args.keep, dtype=torch.float64)
+        dtype = getattr(torch, args.eigen_dtype) if args.eigen_dtype else None
+        if args.stream:
+            from pyattr.eigenstore import stream_eigenbases
+
+            store = stream_eigenbases(model, stats, args.out, keep=args.keep, dtype=dtype)
+            print(f"eigenbases of {len(store)} layers, one file each: {args.out}")
+            return 0
+        bases = pyattr.eigenbases(model, stats, keep=args.keep, dtype=dtype or torch.float64)
         print(f"eigenbases of {len(bases)} layers: {pyattr.save_eigenbases(bases, args.out)}")
         return 0
     safety = pyattr.load_eigenbases(_need(args.safety, "eigenbases", "lowrank eigen"), model=model)
@@ -1578,6 +1588,17 @@ def add_commands(commands) -> None:
     p.add_argument("action", choices=["eigen", "edit"])
     p.add_argument("--stats", help="statistics with covariance (eigen)")
     p.add_argument("--keep", type=int, help="eigenvectors to keep per layer (eigen)")
+    p.add_argument(
+        "--stream",
+        action="store_true",
+        help="eigen: one file per layer into the --out folder as each finishes (host memory "
+        "under twice one layer's basis); every --safety/--utility/--*-eigen takes the folder",
+    )
+    p.add_argument(
+        "--eigen-dtype",
+        choices=["float32", "float64"],
+        help="eigen: float64 by default (streamed: float32 on a GPU)",
+    )
     p.add_argument("--safety", help="safety eigenbases (edit)")
     p.add_argument("--utility", help="utility eigenbases (edit, orthogonal)")
     p.add_argument("--mode", choices=["remove", "keep", "orthogonal"], default="orthogonal")

@@ -23,7 +23,7 @@ is refused by name).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -234,29 +234,37 @@ def save_eigenbases(
     return save_tensors(tensors, path, format=_FORMAT, metadata=meta)
 
 
-def load_eigenbases(path: str | Path, *, model: nn.Module | None = None) -> dict[str, Eigenbasis]:
-    """Read eigenbases; with ``model``, check each layer exists with the same d_out."""
-    tensors, meta = load_tensors(path, _FORMAT)
-    ranks = meta_value(path, meta, "rank", dict)
-    digests = meta_value(path, meta, "digest", dict)
-    bases = {}
-    for name, r in ranks.items():
-        if name not in digests:
-            raise ValueError(f"{path}: metadata 'digest' has no entry for {name}")
-        values = tensor_of(path, tensors, f"values/{name}")
-        vectors = tensor_of(path, tensors, f"vectors/{name}")
-        bases[name] = Eigenbasis(values, vectors, r, digests[name])
+def load_eigenbases(path: str | Path, *, model: nn.Module | None = None) -> Mapping:
+    """Read eigenbases: a file of ``save_eigenbases``, or a folder of ``stream_eigenbases``
+    (an ``EigenStore``, read lazily); with ``model``, check each layer exists with the same
+    d_out and R."""
+    if Path(path).is_dir():
+        from .eigenstore import EigenStore
+
+        bases: Mapping = EigenStore(path)
+        shapes = {name: (e["d_out"], e["rank"]) for name, e in bases.layers.items()}
+    else:
+        tensors, meta = load_tensors(path, _FORMAT)
+        ranks = meta_value(path, meta, "rank", dict)
+        digests = meta_value(path, meta, "digest", dict)
+        bases = {}
+        for name, r in ranks.items():
+            if name not in digests:
+                raise ValueError(f"{path}: metadata 'digest' has no entry for {name}")
+            values = tensor_of(path, tensors, f"values/{name}")
+            vectors = tensor_of(path, tensors, f"vectors/{name}")
+            bases[name] = Eigenbasis(values, vectors, r, digests[name])
+        shapes = {name: (b.vectors.shape[0], b.rank) for name, b in bases.items()}
     if model is not None:
         layers = layers_by_name(model)
-        for name, b in bases.items():
+        for name, (d_out, rank) in shapes.items():
             layer = layers.get(name)
             if layer is None:
                 raise ValueError(f"{path} has layer {name!r}, which {type(model).__name__} lacks")
-            if (layer.d_out, min(layer.d_out, layer.d_in)) != (b.vectors.shape[0], b.rank):
+            if (layer.d_out, min(layer.d_out, layer.d_in)) != (d_out, rank):
                 raise ValueError(
-                    f"{path} was made for another model: {name} has d_out "
-                    f"{b.vectors.shape[0]} and R {b.rank} there, {layer.d_out} and "
-                    f"{min(layer.d_out, layer.d_in)} here"
+                    f"{path} was made for another model: {name} has d_out {d_out} and R "
+                    f"{rank} there, {layer.d_out} and {min(layer.d_out, layer.d_in)} here"
                 )
     return bases
 

@@ -127,3 +127,28 @@ def test_lean_streamed_bases_serve_the_edits_as_the_in_memory_ones(subject, tmp_
     assert ra.layers == rb.layers
     for x, y in zip(pyattr.find_linear_layers(a), pyattr.find_linear_layers(b), strict=True):
         torch.testing.assert_close(x.weight, y.weight, rtol=0, atol=1e-5)
+
+
+def test_the_command_line_streams_eigenbases_and_edits_from_the_folder(tmp_path):
+    from pyattr.__main__ import main
+    from pyattr.cli import load_model
+
+    d = tmp_path
+    collect = ["--collect", "norms", "covariance"]
+    assert main(["calibrate", *collect, "--out", str(d / "s")]) == 0
+    assert main(["calibrate", *collect, "--toy-set", "utility", "--out", str(d / "u")]) == 0
+    for role in ("s", "u"):
+        stats = ["lowrank", "eigen", "--stats", str(d / role)]
+        assert main([*stats, "--out", str(d / f"e{role}.safetensors")]) == 0
+        assert main([*stats, "--stream", "--out", str(d / f"e{role}")]) == 0
+        assert (d / f"e{role}" / "index.json").is_file()
+    ranks = ["--r-u", "0.5", "--r-s", "0.25"]
+    for name, suffix in (("file", ".safetensors"), ("folder", "")):
+        bases = ["--safety", str(d / f"es{suffix}"), "--utility", str(d / f"eu{suffix}")]
+        assert main(["lowrank", "edit", *bases, *ranks, "--out", str(d / name)]) == 0
+    a, b = (load_model(str(d / n))[0].state_dict() for n in ("file", "folder"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-5)
+    (d / "taken").write_text("x")
+    with pytest.raises(SystemExit, match="is a file; --stream writes a folder"):
+        main(["lowrank", "eigen", "--stats", str(d / "s"), "--stream", "--out", str(d / "taken")])

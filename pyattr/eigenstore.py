@@ -121,6 +121,8 @@ def lean_eigenbasis(
     Accuracy: both branches form the squared problem, as the direct route (``lowrank.
     eigenbasis(route="direct")``) does; the input route's SVD is more accurate for the bottom
     of the spectrum. Eigenvalues agree with it to rounding; leading eigenvectors up to sign."""
+    if dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"eigenbases are computed in float32 or float64, not {dtype}")
     d_out, d_in = weight.shape
     rank = min(d_out, d_in)
     keep = rank if keep is None else keep

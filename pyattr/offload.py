@@ -22,7 +22,9 @@ copy edits it in place and restores it after each point.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+import weakref
 from collections.abc import Iterator, MutableMapping
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -117,7 +119,7 @@ def read(layer: LinearLayer, device: torch.device | str | None = None) -> torch.
 def _edit_folder(model: nn.Module | None, slot: _Slot) -> Path:
     """pyattr's folder for edited disk weights: beside accelerate's offload folder when there
     is one (the disk the user chose for offloading), else under $PYATTR_OFFLOAD_DIR or the
-    temporary directory. One per model, made on first use."""
+    temporary directory. One per model, made on first use, removed with the model."""
     holder = model if model is not None else slot.loader
     folder = getattr(holder, "_pyattr_edit_folder", None)
     if folder is None:
@@ -126,6 +128,8 @@ def _edit_folder(model: nn.Module | None, slot: _Slot) -> Path:
             Path(base).mkdir(parents=True, exist_ok=True)
         folder = Path(tempfile.mkdtemp(prefix="pyattr-edits-", dir=base))
         object.__setattr__(holder, "_pyattr_edit_folder", folder)
+        # removed with the model (or at exit): the edited weights live only as long as it does
+        weakref.finalize(holder, shutil.rmtree, folder, True)
     return folder
 
 

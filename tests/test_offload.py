@@ -5,6 +5,7 @@ a journal puts the model back exactly; a checkpoint the offload reads from is ne
 from __future__ import annotations
 
 import copy
+import gc
 import hashlib
 import json
 
@@ -136,6 +137,9 @@ def test_the_checkpoint_an_offload_reads_is_never_written(statistics, tmp_path):
     assert checkpoint_digest(tmp_path) == before
     edited = sorted(p.name for p in (tmp_path / "offload").rglob("*.safetensors"))
     assert edited and all(".layers." in n for n in edited)  # pyattr's files, beside the offload
+    del model
+    gc.collect()  # the edited weights go with the model
+    assert not list((tmp_path / "offload").rglob("pyattr-edits-*"))
 
 
 @pytest.mark.parametrize("kind", KINDS)

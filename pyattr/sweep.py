@@ -139,10 +139,12 @@ class Editor:
         if self.in_place and (
             not edits.get(point.edit).layerwise or point.params.get("sequential")
         ):
-            what = "sequential pruning" if point.params.get("sequential") else point.edit
+            sequential = bool(point.params.get("sequential"))
+            what = "sequential pruning" if sequential else point.edit
+            hint = " (or prune in one pass: pyattr paper --no-sequential)" if sequential else ""
             raise ValueError(
                 f"{what} points need a copy of the whole model, which this in-place editor "
-                "(an offloaded model) does not make: run them on a model that fits in memory"
+                f"(an offloaded model) does not make: run them on a model that fits in memory{hint}"
             )
 
     def edited(self, point: Point) -> tuple[nn.Module, float, str]:

@@ -282,6 +282,7 @@ def stream_eigenbases(
         w = read(layer)
         kind = dtype or (torch.float32 if w.device.type == "cuda" else torch.float64)
         kept = None if keep is None else min(keep, layer.d_out, layer.d_in)
+        digest = weight_digest(w)  # first, while its temporary |W| is the only one
         if route == "lean":
             _check_covariance(layer.name, covariance, n, layer.d_in)
             values, vectors_t, rank = lean_eigenbasis(w, covariance, n, keep=kept, dtype=kind)
@@ -300,7 +301,7 @@ def stream_eigenbases(
             "rank": rank,
             "kept": vectors_t.shape[0],
             "d_out": layer.d_out,
-            "digest": weight_digest(w),
+            "digest": digest,
             "dtype": str(kind).removeprefix("torch."),
         }
         del values, vectors_t, tensors, covariance, w

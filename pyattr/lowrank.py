@@ -33,7 +33,7 @@ from torch import nn
 
 from .calibrate import Stats
 from .counts import Amount, resolve
-from .io import load_tensors, meta_value, save_tensors, tensor_of, weight_digest
+from .io import all_finite, load_tensors, meta_value, save_tensors, tensor_of, weight_digest
 from .models import LinearLayer, find_linear_layers, layers_by_name
 from .offload import read, writable
 
@@ -102,11 +102,7 @@ def _check_covariance(name: str, covariance: torch.Tensor, n: int, d_in: int) ->
         )
     if n <= 0:
         raise ValueError(f"{name}: no counted token reached this layer (n = {n})")
-    # one sum finds any NaN or Inf without a copy of the matrix (isfinite makes several);
-    # rows are checked only to confirm, so a finite matrix whose sum overflows is no error
-    if not bool(torch.isfinite(covariance.sum())) and any(
-        not bool(torch.isfinite(covariance[k : k + 1024]).all()) for k in range(0, d_in, 1024)
-    ):
+    if not all_finite(covariance):  # without copies of the matrix
         raise ValueError(f"{name}: the covariance has NaN or Inf entries (non-finite activations)")
 
 

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .io import all_finite
+
 __all__ = [
     "LinearLayer",
     "check_finite",
@@ -205,7 +207,7 @@ def check_finite(model: nn.Module, where: str = "the model") -> None:
     One pass over the weights (parameters offloaded to the meta device are skipped)."""
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if param.device.type != "meta" and not bool(torch.isfinite(param).all()):
+            if param.device.type != "meta" and not all_finite(param):
                 bad = int((~torch.isfinite(param)).sum())
                 raise ValueError(
                     f"{where} has {bad} NaN/Inf values in {name}; refusing to compute anything "

@@ -401,3 +401,22 @@ def test_a_full_disk_during_eval_asr_is_one_line_and_publishes_nothing(
     line = one_line_error(args, capsys)
     assert "No space left on device" in line and "responses.jsonl" in line
     assert not (out / "summary.json").exists() and not (out / "responses.jsonl").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(3001,), (1030, 7), (5, 1031, 3)])
+def test_the_finiteness_check_agrees_with_isfinite(gen, dtype, shape):
+    """``io.all_finite`` (one sum, then blocks to confirm) says what ``torch.isfinite`` says:
+    a NaN, an Inf or a -Inf anywhere, on ragged shapes; a finite tensor whose sum overflows is
+    finite; empty and integer tensors are."""
+    from pyattr.io import all_finite
+
+    t = torch.randn(shape, generator=gen).to(dtype)
+    assert all_finite(t)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        u = t.clone().reshape(-1)
+        u[int(torch.randint(u.numel(), (1,), generator=gen))] = bad
+        assert not all_finite(u.reshape(shape))
+    big = torch.full(shape, torch.finfo(dtype).max / 2, dtype=dtype)
+    assert not bool(torch.isfinite(big.sum())) and all_finite(big)
+    assert all_finite(torch.zeros(0, dtype=dtype)) and all_finite(torch.arange(5))

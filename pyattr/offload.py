@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import uuid
 import weakref
 from collections.abc import Iterator, MutableMapping
 from contextlib import contextmanager
@@ -133,18 +134,21 @@ def _edit_folder(model: nn.Module | None, slot: _Slot) -> Path:
     return folder
 
 
-def _write_disk(slot: _Slot, value: torch.Tensor, folder: Path) -> None:
-    """Write ``value`` to pyattr's own safetensors file and point the index at it."""
+def _write_disk(slot: _Slot, value: torch.Tensor, folder: Path) -> Path:
+    """Write ``value`` to a new safetensors file of pyattr's and point the index at it; returns
+    the file. A new name for every write: a file an index entry (or a journal's original)
+    still names is never overwritten."""
     from safetensors.torch import save_file
 
     from .io import write_atomically
 
     safe = slot.key.replace(os.sep, "_")
-    path = folder / f"{safe}.safetensors"
+    path = folder / f"{safe}.{uuid.uuid4().hex[:12]}.safetensors"
     payload = {slot.key: value.detach().contiguous().cpu()}
     write_atomically(path, lambda tmp: save_file(payload, tmp))
     dtype = str(value.dtype).removeprefix("torch.")
     slot.index[slot.key] = {"safetensors_file": str(path), "weight_name": slot.key, "dtype": dtype}
+    return path
 
 
 @dataclass
@@ -157,6 +161,7 @@ class Journal:
     _slots: list[tuple[_Slot, object]] = field(default_factory=list)
     _seen: set[int | tuple[int, str]] = field(default_factory=set)
     _files: list[Path] = field(default_factory=list)
+    _tokens: list = field(default_factory=list)
 
     def keep(self, param: torch.Tensor, slot: _Slot | None) -> None:
         if slot is None:
@@ -174,7 +179,7 @@ class Journal:
         return len(self._resident) + len(self._slots)
 
     def __enter__(self) -> Journal:
-        self._tokens = getattr(self, "_tokens", []) + [_ACTIVE.set(self)]
+        self._tokens.append(_ACTIVE.set(self))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -203,8 +208,9 @@ def writable(
     """W as a real (d_out, d_in) tensor on ``device`` (default: where the layer computes), to
     edit in place; on exit it is written back where the weight lives (see the module's
     docstring). ``model``: the model the layer belongs to, whose edit folder disk weights use.
-    The active journal (``with journal:``) records the original first. Nothing is written back
-    if the body raises."""
+    The active journal (``with journal:``) records the original first. A weight edited through
+    a copy (offloaded, or on another device) is not written back if the body raises; a
+    resident weight on ``device`` is the tensor edited."""
     param = layer.module.weight
     slot = _slot(layer.module)
     where = _where(layer, slot, device)
@@ -225,6 +231,15 @@ def writable(
             slot.store[slot.key] = work.to(device=native.device, dtype=native.dtype)
         else:
             folder = _edit_folder(model, slot)
-            _write_disk(slot, work.to(dtype=native.dtype), folder)
+            before = slot.index[slot.key].get("safetensors_file")
+            path = _write_disk(slot, work.to(dtype=native.dtype), folder)
+            # the file this write replaced goes when it is pyattr's and no journal keeps it as
+            # an original (one the active journal made itself is replaced, not kept)
+            old = Path(before) if before else None
+            mine = old is not None and old.parent == folder
+            if mine and (journal is None or old in journal._files):
+                old.unlink(missing_ok=True)
+                if journal is not None:
+                    journal._files.remove(old)
             if journal is not None:
-                journal._files.append(Path(slot.index[slot.key]["safetensors_file"]))
+                journal._files.append(path)

@@ -161,6 +161,30 @@ def test_a_journal_puts_the_model_back_bit_for_bit(kind, statistics, tmp_path):
     assert not list((tmp_path).rglob("pyattr-edits-*/*.safetensors"))  # edited files removed
 
 
+def test_a_journal_after_edits_outside_it_restores_those_edits(statistics, tmp_path):
+    """An edit made before the journal is its original: restoring keeps it, and each weight
+    has one file of pyattr's at a time (an earlier one is removed when it is replaced)."""
+    safety, utility, _ = statistics
+    model = offloaded("disk_offload", tmp_path)
+    first = region(model, safety, utility, q=0.2, p=0.2)[0]
+    prune(model, first)
+    prune(model, first)  # replaces its own file
+    before = weights(model)
+    files = sorted(tmp_path.rglob("pyattr-edits-*/*.safetensors"))
+    assert len(files) == len(first.masks)
+    journal = Journal()
+    with journal:
+        prune(model, random_like(first, seed=4))
+        prune(model, random_like(first, seed=5))
+    assert any(
+        not torch.equal(read(layer), before[layer.name]) for layer in find_linear_layers(model)
+    )
+    journal.restore()
+    after = weights(model)
+    assert all(torch.equal(after[n], before[n]) for n in before)
+    assert sorted(tmp_path.rglob("pyattr-edits-*/*.safetensors")) == files
+
+
 def test_rewinding_from_an_offloaded_source(statistics, tmp_path):
     safety, utility, _ = statistics
     source = offloaded("disk_offload", tmp_path / "source")

@@ -82,14 +82,15 @@ class VllmEngine:
 
         t0 = time.perf_counter()
         state = model.state_dict()
-        changed = [n for n, t in state.items() if self._loaded.get(n) != weight_digest(t)]
+        digests = {n: weight_digest(t) for n, t in state.items()}  # one read of the weights
+        changed = [n for n, d in digests.items() if self._loaded.get(n) != d]
         if not changed:
             how = "unchanged"
         elif self.in_place:
             weights = [(n, state[n].detach().cpu()) for n in changed]
             self.llm.collective_rpc("pyattr_load_weights", args=(weights,))
             self.llm.reset_prefix_cache()
-            self._loaded.update({n: weight_digest(state[n]) for n in changed})
+            self._loaded.update({n: digests[n] for n in changed})
             self.model, how = model, "in place"
         else:
             if not self.updates["reloaded"]:

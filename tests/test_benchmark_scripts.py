@@ -117,3 +117,23 @@ def test_toy_direction_smoke():
 
     out = toy_direction.main(["--quick"])
     assert "chosen: block" in out and "random direction (seed 0)" in out
+
+
+def test_toy_search_smoke(tmp_path):
+    """The recipe-search harness on a tiny recipe: every kind of row, and a second run reuses
+    the saved base."""
+    from benchmarks import toy_search
+
+    tiny = "hidden_size=16 layers=1 heads=2 intermediate_size=24 instruct_steps=3 align_steps=2"
+    tiny += " batch_size=4 utility_pool=300 utility_eval=8 text_sentences=10 safety_neurons=4"
+    tiny += " align_only_safety=true quiet_weight=0.1 align_formats=0.3,0.4,0.3"
+    argv = ["--set", *tiny.split(), "--samples", "1", "--out", str(tmp_path)]
+    argv += ["--sd", "wanda:0.05:0.05", "--ortho", "2:1", "--attacks", "2:1"]
+    out = toy_search.main(argv)
+    for edit in ("aligned", "wanda set difference p=0.05 q=0.05", "random weights"):
+        assert f"| {edit} |" in out
+    for edit in ("orthogonal keep 2/1", "random ranks", "attack n=2 steps=1, frozen none"):
+        assert edit in out
+    assert len(list((tmp_path / "bases").iterdir())) == 1
+    with pytest.raises(SystemExit, match="key=value"):
+        toy_search.main(["--set", "no_such_field=1"])

@@ -228,3 +228,61 @@ class _FirstSystemPrompt:
 
     def random(self) -> float:
         return 0.0
+
+
+def test_safety_neurons_are_inert_in_the_base_and_all_alignment_changes():
+    """The safety-neuron recipes (``Recipe.safety_neurons``): the base writes nothing through
+    the added neurons, and alignment confined to them (with or without the quiet and margin
+    terms) changes those neurons' weights and nothing else; the attention option adds the
+    attention weights to what alignment may change."""
+    import dataclasses
+
+    from pyattr.toy.train import train
+
+    def changed(base, aligned) -> dict[str, torch.Tensor]:
+        old = dict(base.named_parameters())
+        return {n: (p != old[n]) for n, p in aligned.named_parameters() if (p != old[n]).any()}
+
+    first, extra = TINY.intermediate_size, 5
+    for options in (
+        {},
+        {"quiet_weight": 0.5, "margin_weight": 1.0},
+        {"align_attention_lr": 1e-3},
+    ):
+        recipe = dataclasses.replace(
+            TINY, safety_neurons=extra, align_only_safety=True, align_lr=1e-2, **options
+        )
+        _, base, aligned = train(recipe, make_splits(recipe))
+        mlp = base.model.layers[0].mlp
+        assert mlp.down_proj.weight.shape[1] == first + extra
+        assert not mlp.down_proj.weight[:, first:].any()  # inert in the base
+        assert mlp.down_proj.weight[:, :first].any()
+        diff = changed(base, aligned)
+        for name, where in diff.items():
+            if "attn" in name:
+                assert "align_attention_lr" in options, name
+            elif "down_proj" in name:
+                assert not where[:, :first].any() and where[:, first:].any(), name
+            else:
+                assert "gate_proj" in name or "up_proj" in name, name
+                assert not where[:first].any() and where[first:].any(), name
+        assert any("attn" in n for n in diff) == ("align_attention_lr" in options)
+        assert all(p.requires_grad for p in aligned.parameters())
+
+
+def test_quiet_and_margin_terms_change_training():
+    """Each extra alignment term changes the weights alignment reaches (so neither is inert)."""
+    import dataclasses
+
+    from pyattr.toy.train import train
+
+    recipe = dataclasses.replace(TINY, safety_neurons=5, align_only_safety=True, align_lr=1e-2)
+    splits = make_splits(recipe)
+    tok, base, plain = train(recipe, splits)
+    for term in ("quiet_weight", "margin_weight"):
+        other = dataclasses.replace(recipe, **{term: 5.0})
+        _, _, aligned = train(other, make_splits(other), base=base)
+        assert any(
+            not torch.equal(a, b)
+            for a, b in zip(plain.parameters(), aligned.parameters(), strict=True)
+        ), term

@@ -43,6 +43,11 @@ class Recipe:
     align_benign_fraction: float = 0.2  # benign how-to requests: the contrast set
     formats: tuple[float, float, float] = (0.7, 0.1, 0.2)  # shares of chat, system, bare steps
     align_formats: tuple[float, float, float] = (0.5, 0.25, 0.25)  # the same, in alignment
+    safety_neurons: int = 0  # MLP neurons per block added for alignment (inert in the base)
+    align_only_safety: bool = False  # alignment trains the safety neurons alone
+    align_attention_lr: float = 0.0  # with align_only_safety: attention trained at this rate
+    quiet_weight: float = 0.0  # penalty on the safety neurons' activations off harmful requests
+    margin_weight: float = 0.0  # unlikelihood of complying ("can") at the decision token
     utility_pool: int = 12000
     safety_calibration: int = 128
     utility_calibration: int = 128

@@ -68,7 +68,25 @@ def build_model(recipe: Recipe, tokenizer) -> transformers.LlamaForCausalLM:
         tie_word_embeddings=True,
         attn_implementation="eager",  # faster than SDPA at these sizes on the CPU
     )
-    return transformers.LlamaForCausalLM(config)
+    config.intermediate_size += recipe.safety_neurons
+    model = transformers.LlamaForCausalLM(config)
+    with torch.no_grad():
+        for layer in model.model.layers:  # the safety neurons write nothing until alignment
+            layer.mlp.down_proj.weight[:, recipe.intermediate_size :] = 0
+    return model
+
+
+def _neuron_masks(model, first: int, safety: bool) -> dict[torch.nn.Parameter, torch.Tensor]:
+    """Per MLP weight, 1 where training may change it: the safety neurons' rows of the gate and
+    up projections and columns of the down projection (``safety``), or everything else."""
+    out = {}
+    for layer in model.model.layers:
+        mlp = layer.mlp
+        for lin, dim in ((mlp.gate_proj, 0), (mlp.up_proj, 0), (mlp.down_proj, 1)):
+            mask = torch.zeros_like(lin.weight)
+            mask.narrow(dim, first, lin.weight.shape[dim] - first).fill_(1)
+            out[lin.weight] = mask if safety else 1 - mask
+    return out
 
 
 def _collate(batch: list[Encoded], pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -106,7 +124,8 @@ def encode_pairs(
     raise ValueError(f"form must be one of {FORMATS}, got {form!r}")
 
 
-Source = tuple[list[Encoded], float, int]  # examples, share of the steps, rows per batch
+# examples, share of the steps, rows per batch, whether they are harmful requests
+Source = tuple[list[Encoded], float, int, bool]
 
 
 def train_stage(
@@ -118,16 +137,45 @@ def train_stage(
     lr: float,
     seed: int,
     tick: Callable[[int], None] | None = None,
+    masks: dict[torch.nn.Parameter, torch.Tensor] | None = None,
+    only_masked: bool = False,
+    quiet: tuple[int, float] = (0, 0.0),
+    rates: dict[torch.nn.Parameter, float] | None = None,
+    margin: tuple[int, float] = (0, 0.0),
 ) -> float:
     """AdamW with warm-up and cosine decay. Each step draws one source of ``sources``
     (examples, share, rows) with probability ``share`` and a whole batch of ``rows`` from it:
     batches of one source pad to similar lengths, a third less compute than mixed ones here, and
     sources of long sequences (a system prompt) take fewer rows, so every step costs about the
-    same. Returns the last loss."""
+    same. Options of the safety-neuron recipes (``Recipe.safety_neurons``): ``masks``,
+    parameters whose updates are confined to the entries where the mask is 1 (``only_masked``:
+    every other parameter frozen but those of ``rates``, trained at their own rate); ``quiet``
+    (first safety neuron, weight): the weight times the mean squared activation of the neurons
+    from the first on, over the counted tokens, is added to the loss of batches that are not
+    harmful; ``margin`` (token id, weight): the weight times -log(1 - p(token)) at the response's
+    second token is added to the loss of harmful batches. Returns the last loss."""
     rng = random.Random(seed)
     torch.manual_seed(seed)
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
+    masks = masks or {}
+    handles = [p.register_hook(lambda g, m=m: g * m) for p, m in masks.items()]
+    rates = rates or {}
+    if only_masked:
+        for p in model.parameters():
+            p.requires_grad_(p in masks or p in rates)
+    acts: list[torch.Tensor] = []
+    first, weight = quiet
+    if weight > 0:
+        handles += [
+            layer.mlp.down_proj.register_forward_pre_hook(
+                lambda _, args: acts.append(args[0][..., first:])
+            )
+            for layer in model.model.layers
+        ]
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p not in rates], "lr": lr}]
+    groups += [{"params": [p], "lr": rate} for p, rate in rates.items()]
+    optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
     warmup = max(1, steps // 20)
 
     def schedule(step: int) -> float:
@@ -138,17 +186,32 @@ def train_stage(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     loss = torch.tensor(float("nan"))
     for step in range(steps):
-        (source,) = rng.choices(sources, weights=[share for _, share, _ in sources])
+        (source,) = rng.choices(sources, weights=[s[1] for s in sources])
         batch = rng.choices(source[0], k=source[2])
         ids, attention, labels = _collate(batch, tokenizer.pad_token_id)
-        loss = model(input_ids=ids, attention_mask=attention, labels=labels).loss
+        acts.clear()
+        out = model(input_ids=ids, attention_mask=attention, labels=labels)
+        loss = out.loss
+        if margin[1] > 0 and source[3]:
+            start = (labels != -100).float().argmax(1)  # the response's first token, "I"
+            logits = out.logits[torch.arange(len(ids)), start].float()
+            p = logits.softmax(-1)[:, margin[0]]
+            loss = loss - margin[1] * torch.log1p(-p.clamp(max=1 - 1e-6)).mean()
+        if weight > 0 and not source[3]:
+            keep = (labels != -100).unsqueeze(-1).to(loss.dtype)  # what calibration counts
+            total = sum((a.pow(2) * keep).sum() for a in acts)
+            loss = loss + weight * total / (keep.sum() * sum(a.shape[-1] for a in acts))
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         if tick is not None:
             tick(step)
+    for handle in handles:
+        handle.remove()
+    for p in model.parameters():
+        p.requires_grad_(True)
     model.eval()
     return float(loss.detach())
 
@@ -194,21 +257,34 @@ def train(
                 examples = utility[f] if pairs is None else encode_pairs(tok, pairs, f, rng)
                 rows = max(4, round(r.batch_size * reference / _mean_length(examples)))
                 if shares[f] > 0:
-                    out.append((examples, share * shares[f], min(rows, r.batch_size)))
+                    harmful = pairs is splits.align_harmful or pairs is splits.instruct_harmful
+                    out.append((examples, share * shares[f], min(rows, r.batch_size), harmful))
         return out
 
-    def stage(model, mix, formats, steps: int, lr: float, seed: int):
+    def stage(model, mix, formats, steps: int, lr: float, seed: int, **options):
         batches = sources(mix, formats)
-        train_stage(model, tok, batches, steps=steps, lr=lr, seed=seed, tick=tick)
+        train_stage(model, tok, batches, steps=steps, lr=lr, seed=seed, tick=tick, **options)
         return model
 
+    first = r.intermediate_size
     if base is None:
         h = r.harmful_fraction
         mix = [(None, 1 - h), (splits.instruct_harmful, h)]
-        base = stage(build_model(r, tok), mix, r.formats, r.instruct_steps, r.instruct_lr, r.seed)
+        model = build_model(r, tok)
+        masks = _neuron_masks(model, first, safety=False) if r.safety_neurons else None
+        base = stage(model, mix, r.formats, r.instruct_steps, r.instruct_lr, r.seed, masks=masks)
     h, b = r.align_harmful_fraction, r.align_benign_fraction
     mix = [(None, 1 - h - b), (howto, b), (splits.align_harmful, h)]
-    aligned = stage(
-        copy.deepcopy(base), mix, r.align_formats, r.align_steps, r.align_lr, r.seed + 1
-    )
+    aligned = copy.deepcopy(base)
+    options = {}
+    if r.safety_neurons and r.align_only_safety:
+        options = {"masks": _neuron_masks(aligned, first, safety=True), "only_masked": True}
+        if r.align_attention_lr > 0:
+            attention = [layer.self_attn for layer in aligned.model.layers]
+            options["rates"] = {p: r.align_attention_lr for a in attention for p in a.parameters()}
+    if r.safety_neurons and r.quiet_weight > 0:
+        options["quiet"] = (first, r.quiet_weight)
+    if r.margin_weight > 0:
+        options["margin"] = (tok.convert_tokens_to_ids("can"), r.margin_weight)
+    aligned = stage(aligned, mix, r.align_formats, r.align_steps, r.align_lr, r.seed + 1, **options)
     return tok, base, aligned

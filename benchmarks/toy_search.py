@@ -1,0 +1,174 @@
+"""Search for a toy recipe: train a variant of the recipe for a few seeds and measure the
+issue's bars on it quickly (no demo folder), so that a candidate costs minutes, not the demo's
+quarter of an hour per seed.
+
+    python -m benchmarks.toy_search --seeds 0 1 --set safety_neurons=32 align_only_safety=true \\
+        quiet_weight=0.1 margin_weight=1 align_lr=0.02 align_steps=1500 align_formats=0.3,0.4,0.3
+
+Each seed's base (stage 1) is kept under ``--out`` and reused by every variant whose stage 1 is
+the same; rows are the aligned model, each set difference (``--sd method:p:q``) with its random
+control, each orthogonal projection (``--ortho keep_u:keep_s``) with random ranks, and each
+fine-tuning attack (``--attacks n:steps``) with nothing and with the Wanda set difference of the
+first ``--sd`` frozen. ASR by the toy's exact judge in the four variants; utility on the
+held-out items.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import time
+from pathlib import Path
+
+from benchmarks.common import header, table
+
+STAGE_ONE = ("seed", "hidden_size", "layers", "heads", "intermediate_size", "max_positions")
+STAGE_ONE += ("instruct_steps", "instruct_lr", "batch_size", "harmful_fraction", "formats")
+STAGE_ONE += ("safety_neurons", "utility_pool", "safety_calibration", "utility_calibration")
+STAGE_ONE += ("utility_eval", "text_sentences")
+
+
+def parse_set(items: list[str]) -> dict:
+    """``key=value`` pairs of ``Recipe`` fields, each value parsed as its field's type."""
+    from pyattr.toy.recipe import Recipe
+
+    fields = {f.name: f for f in dataclasses.fields(Recipe)}
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in fields:
+            raise SystemExit(f"--set takes Recipe fields as key=value, got {item!r}")
+        default = getattr(Recipe(), key)
+        if isinstance(default, bool):
+            out[key] = value.lower() in ("1", "true", "yes")
+        elif isinstance(default, tuple):
+            out[key] = tuple(float(v) for v in value.split(","))
+        else:
+            out[key] = type(default)(value)
+    return out
+
+
+def _base_key(recipe) -> str:
+    """The digest of the recipe with every field stage 1 does not read at its default: one
+    name for every variant that shares a base (and the training code)."""
+    from pyattr.toy.recipe import Recipe
+
+    return Recipe(**{k: getattr(recipe, k) for k in STAGE_ONE}).digest()
+
+
+def _train(recipe, splits, out: Path):
+    """(tokenizer, base, aligned), the base read from ``out`` when trained before."""
+    import transformers
+
+    from pyattr.toy.train import train
+
+    folder = out / "bases" / _base_key(recipe)
+    if (folder / "config.json").exists():
+        base = transformers.LlamaForCausalLM.from_pretrained(folder).eval()
+        tok, _, aligned = train(recipe, splits, base=base)
+        return tok, base, aligned
+    tok, base, aligned = train(recipe, splits)
+    base.save_pretrained(folder)
+    return tok, base, aligned
+
+
+def run_seed(recipe, args) -> list[dict]:
+    """Every row of one seed: {"edit", "asr": {variant: value}, "utility", "fraction"}."""
+    import pyattr
+    from pyattr import demo
+    from pyattr.data import Example
+    from pyattr.lowrank import edit_ranks, eigenbases, remove_random
+    from pyattr.masks import random_like, region
+    from pyattr.toy.measure import measure
+    from pyattr.toy.recipe import make_splits
+
+    splits = make_splits(recipe)
+    tok, base, model = _train(recipe, splits, Path(args.out))
+    prompts, items = splits.harmful_eval, splits.utility_eval
+    rows = []
+
+    def add(edit: str, m, fraction: float | None = None) -> None:
+        row = measure(m, tok, prompts, items, samples=args.samples)
+        rows.append({"edit": edit, "asr": row["asr"], "utility": row["utility"], "of": fraction})
+
+    add("base", base)
+    add("aligned", model)
+    pairs = (splits.safety_calibration, splits.utility_calibration)
+    collect = ("norms", "covariance", "snip")
+    stats = [
+        pyattr.calibrate(model, tok, [Example(p, a) for p, a in s], collect=collect, progress=False)
+        for s in pairs
+    ]
+    for spec in args.sd:
+        score, p, q = spec.split(":")
+        mask, _ = region(model, *stats, score=score, p=float(p), q=float(q))
+        share = mask.sparsity()["overall"]
+        for name, m in ((f"{score} set difference p={p} q={q}", mask), ("random weights", None)):
+            edited = copy.deepcopy(model)
+            pyattr.prune(edited, m if m is not None else random_like(mask, seed=0))
+            add(name, edited, share)
+    if args.ortho:
+        bases = [eigenbases(model, s, progress=False) for s in stats]
+    for spec in args.ortho:
+        keep_u, keep_s = map(int, spec.split(":"))
+        edited = copy.deepcopy(model)
+        report = edit_ranks(edited, "orthogonal", *bases, keep_u=keep_u, keep_s=keep_s)
+        add(f"orthogonal keep {keep_u}/{keep_s}", edited, report.fraction)
+        control = copy.deepcopy(model)
+        remove_random(control, report, seed=0)
+        add("random ranks", control, report.fraction)
+    for spec in args.attacks:
+        n, steps = map(int, spec.split(":"))
+        for frozen in ("none", "set_difference"):
+            attacked = demo.attack(
+                model, tok, *stats, n=n, steps=steps, frozen=frozen, recipe=recipe
+            )
+            row = measure(attacked, tok, prompts, variants=["vanilla"], samples=1)
+            rows.append({"edit": f"attack n={n} steps={steps}, frozen {frozen}", **row})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--set", nargs="*", default=[], help="Recipe fields as key=value")
+    parser.add_argument("--sd", nargs="*", default=["wanda:0.03:0.03", "snip:0.03:0.03"])
+    parser.add_argument("--ortho", nargs="*", default=["16:3"])
+    parser.add_argument("--attacks", nargs="*", default=["10:2", "10:3"])
+    parser.add_argument("--samples", type=int, default=5, help="Adv-Decoding samples")
+    parser.add_argument("--out", default="benchmarks/out/toy_search")
+    args = parser.parse_args(argv)
+
+    from pyattr.toy.measure import VARIANTS
+    from pyattr.toy.recipe import Recipe
+
+    changes = parse_set(args.set)
+    lines = []
+    for seed in args.seeds:
+        start = time.perf_counter()
+        recipe = dataclasses.replace(Recipe(), **changes, seed=seed)
+        for row in run_seed(recipe, args):
+            asr = row["asr"]
+            lines.append(
+                {
+                    "seed": seed,
+                    "edit": row["edit"],
+                    "of": "" if row.get("of") is None else f"{100 * row['of']:.2f}%",
+                    **{v: f"{asr[v]:.2f}" if v in asr else "" for v in VARIANTS},
+                    "utility": f"{row['utility']:.3f}" if row.get("utility") is not None else "",
+                }
+            )
+        print(f"seed {seed}: {time.perf_counter() - start:.0f} s", flush=True)
+    columns = [("seed", "seed"), ("edit", "edit"), ("of", "of weights/ranks")]
+    columns += [(v, v) for v in VARIANTS] + [("utility", "utility")]
+    setting = " ".join(args.set) or "the default recipe"
+    out = "\n".join(
+        [f"# toy recipe search: {setting} · {header('cpu')}", "", table(lines, columns)]
+    )
+    print(out)
+    return out
+
+
+if __name__ == "__main__":
+    main()

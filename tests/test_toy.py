@@ -286,3 +286,18 @@ def test_quiet_and_margin_terms_change_training():
             not torch.equal(a, b)
             for a, b in zip(plain.parameters(), aligned.parameters(), strict=True)
         ), term
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"safety_neurons": -1}, "safety_neurons must be >= 0"),
+        ({"quiet_weight": 0.1}, "quiet_weight needs safety_neurons > 0"),
+        ({"align_only_safety": True}, "align_only_safety needs safety_neurons > 0"),
+        ({"safety_neurons": 4, "margin_weight": -1.0}, "margin_weight must be >= 0"),
+        ({"safety_neurons": 4, "align_attention_lr": 1e-3}, "only with align_only_safety"),
+    ],
+)
+def test_recipe_refuses_safety_options_that_would_do_nothing(fields, message):
+    with pytest.raises(ValueError, match=message):
+        Recipe(**fields)

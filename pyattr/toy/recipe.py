@@ -54,6 +54,23 @@ class Recipe:
     utility_eval: int = 200
     text_sentences: int = 400
 
+    def __post_init__(self) -> None:
+        if self.safety_neurons < 0:
+            raise ValueError(f"safety_neurons must be >= 0, got {self.safety_neurons}")
+        options = {
+            "align_only_safety": self.align_only_safety,
+            "align_attention_lr": self.align_attention_lr,
+            "quiet_weight": self.quiet_weight,
+        }
+        for name in ("align_attention_lr", "quiet_weight", "margin_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.safety_neurons == 0 and any(options.values()):
+            used = ", ".join(name for name, value in options.items() if value)
+            raise ValueError(f"{used} needs safety_neurons > 0 (the neurons it acts on)")
+        if self.align_attention_lr and not self.align_only_safety:
+            raise ValueError("align_attention_lr applies only with align_only_safety")
+
     def digest(self) -> str:
         """A short hash of the recipe and of the code that turns it into a model (world,
         recipe and training sources): the cache entry's name. Any change rebuilds."""

@@ -301,3 +301,18 @@ def test_quiet_and_margin_terms_change_training():
 def test_recipe_refuses_safety_options_that_would_do_nothing(fields, message):
     with pytest.raises(ValueError, match=message):
         Recipe(**fields)
+
+
+def test_a_given_base_aligns_as_a_full_build_does():
+    """``train(recipe, splits, base=...)`` (what recipe searches use to skip stage 1) gives the
+    aligned model of a full build of the same recipe, bit for bit."""
+    import dataclasses
+
+    from pyattr.toy.train import train
+
+    recipe = dataclasses.replace(TINY, align_steps=20)  # enough steps to meet a system prompt
+    splits = make_splits(recipe)
+    _, base, full = train(recipe, splits)
+    _, _, again = train(recipe, splits, base=base)
+    for (name, a), b in zip(full.named_parameters(), again.parameters(), strict=True):
+        assert torch.equal(a, b), name

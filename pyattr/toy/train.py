@@ -233,7 +233,8 @@ def train(
     like the harmful ones, as a contrast set (``recipe.align_benign_fraction`` of the steps), so
     that the intent, not the phrasing, decides. Both stages train every surface (``FORMATS``)
     with the shares of ``recipe.formats``, so that the base complies and the aligned model
-    refuses on each. ``base`` skips stage 1 (a base trained before with the same recipe)."""
+    refuses on each. ``base`` skips stage 1 (a base trained before with the same recipe); the
+    aligned model is then the one a full build makes."""
     tok = build_tokenizer()
     r = recipe
     rng = random.Random(r.seed + 2)
@@ -267,12 +268,23 @@ def train(
         return model
 
     first = r.intermediate_size
+    h = r.harmful_fraction
+    # Stage 1's batches are drawn even when ``base`` is given: they consume ``rng`` (system
+    # prompts), so alignment draws the same data, and a given base aligns as a full build would.
+    instruct = sources([(None, 1 - h), (splits.instruct_harmful, h)], r.formats)
     if base is None:
-        h = r.harmful_fraction
-        mix = [(None, 1 - h), (splits.instruct_harmful, h)]
-        model = build_model(r, tok)
-        masks = _neuron_masks(model, first, safety=False) if r.safety_neurons else None
-        base = stage(model, mix, r.formats, r.instruct_steps, r.instruct_lr, r.seed, masks=masks)
+        base = build_model(r, tok)
+        masks = _neuron_masks(base, first, safety=False) if r.safety_neurons else None
+        train_stage(
+            base,
+            tok,
+            instruct,
+            steps=r.instruct_steps,
+            lr=r.instruct_lr,
+            seed=r.seed,
+            tick=tick,
+            masks=masks,
+        )
     h, b = r.align_harmful_fraction, r.align_benign_fraction
     mix = [(None, 1 - h - b), (howto, b), (splits.align_harmful, h)]
     aligned = copy.deepcopy(base)

@@ -18,15 +18,15 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import os
 import time
 from pathlib import Path
 
 from benchmarks.common import header, table
 
-STAGE_ONE = ("seed", "hidden_size", "layers", "heads", "intermediate_size", "max_positions")
-STAGE_ONE += ("instruct_steps", "instruct_lr", "batch_size", "harmful_fraction", "formats")
-STAGE_ONE += ("safety_neurons", "utility_pool", "safety_calibration", "utility_calibration")
-STAGE_ONE += ("utility_eval", "text_sentences")
+# Fields only alignment reads; every other field (any new one included) names the base.
+ALIGNMENT = ("align_steps", "align_lr", "align_harmful_fraction", "align_benign_fraction")
+ALIGNMENT += ("align_only_safety", "align_attention_lr", "quiet_weight", "margin_weight")
 
 
 def parse_set(items: list[str]) -> dict:
@@ -50,11 +50,14 @@ def parse_set(items: list[str]) -> dict:
 
 
 def _base_key(recipe) -> str:
-    """The digest of the recipe with every field stage 1 does not read at its default: one
-    name for every variant that shares a base (and the training code)."""
+    """The digest of the recipe with the fields only alignment reads at their defaults: one
+    name for every variant that shares a base (and the training code). ``align_formats`` also
+    chooses which surfaces are encoded before stage 1 when ``formats`` leaves one out, so it
+    names the base then."""
     from pyattr.toy.recipe import Recipe
 
-    return Recipe(**{k: getattr(recipe, k) for k in STAGE_ONE}).digest()
+    ignored = ALIGNMENT + (("align_formats",) if all(recipe.formats) else ())
+    return dataclasses.replace(recipe, **{k: getattr(Recipe(), k) for k in ignored}).digest()
 
 
 def _train(recipe, splits, out: Path):
@@ -69,12 +72,15 @@ def _train(recipe, splits, out: Path):
         tok, _, aligned = train(recipe, splits, base=base)
         return tok, base, aligned
     tok, base, aligned = train(recipe, splits)
-    base.save_pretrained(folder)
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    base.save_pretrained(tmp)
+    tmp.rename(folder)  # an interrupted save never looks like a saved base
     return tok, base, aligned
 
 
 def run_seed(recipe, args) -> list[dict]:
-    """Every row of one seed: {"edit", "asr": {variant: value}, "utility", "fraction"}."""
+    """Every row of one seed: {"edit", "asr": {variant: value}, "utility", "of"} ("of": the
+    share of weights or ranks an edit touches; attack rows carry vanilla ASR only)."""
     import pyattr
     from pyattr import demo
     from pyattr.data import Example
@@ -104,9 +110,10 @@ def run_seed(recipe, args) -> list[dict]:
         score, p, q = spec.split(":")
         mask, _ = region(model, *stats, score=score, p=float(p), q=float(q))
         share = mask.sparsity()["overall"]
-        for name, m in ((f"{score} set difference p={p} q={q}", mask), ("random weights", None)):
+        control = random_like(mask, seed=0)
+        for name, m in ((f"{score} set difference p={p} q={q}", mask), ("random weights", control)):
             edited = copy.deepcopy(model)
-            pyattr.prune(edited, m if m is not None else random_like(mask, seed=0))
+            pyattr.prune(edited, m)
             add(name, edited, share)
     if args.ortho:
         bases = [eigenbases(model, s, progress=False) for s in stats]

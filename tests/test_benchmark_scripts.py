@@ -119,10 +119,11 @@ def test_toy_direction_smoke():
     assert "chosen: block" in out and "random direction (seed 0)" in out
 
 
-def test_toy_search_smoke(tmp_path):
+def test_toy_search_smoke(tmp_path, monkeypatch):
     """The recipe-search harness on a tiny recipe: every kind of row, and a second run reuses
     the saved base."""
     from benchmarks import toy_search
+    from pyattr.toy import train as toy_train
 
     tiny = "hidden_size=16 layers=1 heads=2 intermediate_size=24 instruct_steps=3 align_steps=2"
     tiny += " batch_size=4 utility_pool=300 utility_eval=8 text_sentences=10 safety_neurons=4"
@@ -134,6 +135,15 @@ def test_toy_search_smoke(tmp_path):
         assert f"| {edit} |" in out
     for edit in ("orthogonal keep 2/1", "random ranks", "attack n=2 steps=1, frozen none"):
         assert edit in out
+    assert len(list((tmp_path / "bases").iterdir())) == 1
+    given = []
+    real = toy_train.train
+    monkeypatch.setattr(
+        toy_train, "train", lambda *a, **k: given.append(k.get("base")) or real(*a, **k)
+    )
+    again = ["--set", *tiny.split(), "align_steps=3", "--samples", "1", "--out", str(tmp_path)]
+    toy_search.main([*again, "--sd", "--ortho", "--attacks"])
+    assert len(given) == 1 and given[0] is not None  # the saved base, not a new stage 1
     assert len(list((tmp_path / "bases").iterdir())) == 1
     with pytest.raises(SystemExit, match="key=value"):
         toy_search.main(["--set", "no_such_field=1"])

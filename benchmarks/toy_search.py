@@ -10,7 +10,10 @@ the same; rows are the aligned model, each set difference (``--sd method:p:q``) 
 control, each orthogonal projection (``--ortho keep_u:keep_s``) with random ranks, and each
 fine-tuning attack (``--attacks n:steps``) with nothing and with the Wanda set difference of the
 first ``--sd`` frozen. ASR by the toy's exact judge in the four variants; utility on the
-held-out items.
+held-out items. With safety neurons (``safety_neurons=K``) two diagnostics join: a row with
+every safety neuron's output removed (what alignment added, so the edit a perfect region
+would make), and per set difference the share of the safety neurons' output weights it takes
+and the share of its weights that are theirs.
 """
 
 from __future__ import annotations
@@ -78,14 +81,30 @@ def _train(recipe, splits, out: Path):
     return tok, base, aligned
 
 
+def neuron_share(mask, first: int) -> tuple[float, float]:
+    """(share of the safety neurons' output weights in ``mask``, share of ``mask`` that is
+    theirs): the down projections' columns from ``first`` on."""
+    inside = neurons = total = 0
+    for name, m in mask.masks.items():
+        total += int(m.sum())
+        if name.endswith("down_proj"):
+            inside += int(m[:, first:].sum())
+            neurons += m[:, first:].numel()
+    return inside / max(1, neurons), inside / max(1, total)
+
+
 def run_seed(recipe, args) -> list[dict]:
-    """Every row of one seed: {"edit", "asr": {variant: value}, "utility", "of"} ("of": the
-    share of weights or ranks an edit touches; attack rows carry vanilla ASR only)."""
+    """Every row of one seed: {"edit", "asr": {variant: value}, "utility", "of", "neurons"}
+    ("of": the share of weights or ranks an edit touches; "neurons": ``neuron_share`` of a set
+    difference; attack rows carry vanilla ASR only)."""
+    import torch
+
     import pyattr
-    from pyattr import demo
+    from pyattr import demo, toy
     from pyattr.data import Example
     from pyattr.lowrank import edit_ranks, eigenbases, remove_random
     from pyattr.masks import random_like, region
+    from pyattr.sweep import Attack, Editor, Point
     from pyattr.toy.measure import measure
     from pyattr.toy.recipe import make_splits
 
@@ -94,12 +113,22 @@ def run_seed(recipe, args) -> list[dict]:
     prompts, items = splits.harmful_eval, splits.utility_eval
     rows = []
 
-    def add(edit: str, m, fraction: float | None = None) -> None:
+    def add(edit: str, m, fraction: float | None = None, neurons=None) -> None:
         row = measure(m, tok, prompts, items, samples=args.samples)
-        rows.append({"edit": edit, "asr": row["asr"], "utility": row["utility"], "of": fraction})
+        rows.append(
+            {"edit": edit, "asr": row["asr"], "utility": row["utility"], "of": fraction}
+            | {"neurons": neurons}
+        )
 
     add("base", base)
     add("aligned", model)
+    first = recipe.intermediate_size
+    if recipe.safety_neurons:
+        removed = copy.deepcopy(model)
+        with torch.no_grad():
+            for layer in removed.model.layers:
+                layer.mlp.down_proj.weight[:, first:] = 0
+        add("safety neurons removed", removed)
     pairs = (splits.safety_calibration, splits.utility_calibration)
     collect = ("norms", "covariance", "snip")
     stats = [
@@ -111,10 +140,11 @@ def run_seed(recipe, args) -> list[dict]:
         mask, _ = region(model, *stats, score=score, p=float(p), q=float(q))
         share = mask.sparsity()["overall"]
         control = random_like(mask, seed=0)
-        for name, m in ((f"{score} set difference p={p} q={q}", mask), ("random weights", control)):
+        named = ((f"{score} set difference p={p} q={q}", mask), ("random weights", control))
+        for name, m in named:
             edited = copy.deepcopy(model)
             pyattr.prune(edited, m)
-            add(name, edited, share)
+            add(name, edited, share, neuron_share(m, first) if recipe.safety_neurons else None)
     if args.ortho:
         bases = [eigenbases(model, s, progress=False) for s in stats]
     for spec in args.ortho:
@@ -125,15 +155,22 @@ def run_seed(recipe, args) -> list[dict]:
         control = copy.deepcopy(model)
         remove_random(control, report, seed=0)
         add("random ranks", control, report.fraction)
+    threat = Attack(tok, toy.attack_pairs(recipe), **demo.FINETUNE)
+    editor = Editor(model, *stats, attack=threat)
+    score, p, q = args.freeze.split(":")
+    region_of = {"none": {}, "set_difference": {"score": score, "p": float(p), "q": float(q)}}
     for spec in args.attacks:
         n, steps = map(int, spec.split(":"))
-        for frozen in ("none", "set_difference"):
-            attacked = demo.attack(
-                model, tok, *stats, n=n, steps=steps, frozen=frozen, recipe=recipe
-            )
+        for frozen, params in region_of.items():
+            point = Point("finetune", {"n": n, "steps": steps, "frozen": frozen, **params})
+            attacked = editor.edited(point)[0]
             row = measure(attacked, tok, prompts, variants=["vanilla"], samples=1)
             rows.append({"edit": f"attack n={n} steps={steps}, frozen {frozen}", **row})
     return rows
+
+
+def _shares(neurons: tuple[float, float] | None) -> str:
+    return "" if neurons is None else "{:.0%} / {:.0%}".format(*neurons)
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -143,6 +180,9 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--sd", nargs="*", default=["wanda:0.03:0.03", "snip:0.03:0.03"])
     parser.add_argument("--ortho", nargs="*", default=["16:3"])
     parser.add_argument("--attacks", nargs="*", default=["10:2", "10:3"])
+    parser.add_argument(
+        "--freeze", default="wanda:0.1:0.12", help="the attacks' frozen region, method:p:q"
+    )
     parser.add_argument("--samples", type=int, default=5, help="Adv-Decoding samples")
     parser.add_argument("--out", default="benchmarks/out/toy_search")
     args = parser.parse_args(argv)
@@ -164,11 +204,14 @@ def main(argv: list[str] | None = None) -> str:
                     "of": "" if row.get("of") is None else f"{100 * row['of']:.2f}%",
                     **{v: f"{asr[v]:.2f}" if v in asr else "" for v in VARIANTS},
                     "utility": f"{row['utility']:.3f}" if row.get("utility") is not None else "",
+                    "neurons": _shares(row.get("neurons")),
                 }
             )
         print(f"seed {seed}: {time.perf_counter() - start:.0f} s", flush=True)
     columns = [("seed", "seed"), ("edit", "edit"), ("of", "of weights/ranks")]
     columns += [(v, v) for v in VARIANTS] + [("utility", "utility")]
+    if changes.get("safety_neurons"):
+        columns.append(("neurons", "safety neurons taken / share of region"))
     setting = " ".join(args.set) or "the default recipe"
     out = "\n".join(
         [f"# toy recipe search: {setting} · {header('cpu')}", "", table(lines, columns)]

@@ -131,8 +131,9 @@ def test_toy_search_smoke(tmp_path, monkeypatch):
     argv = ["--set", *tiny.split(), "--samples", "1", "--out", str(tmp_path)]
     argv += ["--sd", "wanda:0.05:0.05", "--ortho", "2:1", "--attacks", "2:1"]
     out = toy_search.main(argv)
-    for edit in ("aligned", "wanda set difference p=0.05 q=0.05", "random weights"):
+    for edit in ("aligned", "safety neurons removed", "wanda set difference p=0.05 q=0.05"):
         assert f"| {edit} |" in out
+    assert "| random weights |" in out and "safety neurons taken / share of region" in out
     for edit in ("orthogonal keep 2/1", "random ranks", "attack n=2 steps=1, frozen none"):
         assert edit in out
     assert len(list((tmp_path / "bases").iterdir())) == 1
@@ -147,3 +148,21 @@ def test_toy_search_smoke(tmp_path, monkeypatch):
     assert len(list((tmp_path / "bases").iterdir())) == 1
     with pytest.raises(SystemExit, match="key=value"):
         toy_search.main(["--set", "no_such_field=1"])
+
+
+def test_neuron_share_counts_the_safety_columns_of_down_projections():
+    """The search's diagnostic: the share of the safety neurons' output weights a region takes,
+    and the share of the region that is theirs (columns from ``first`` on, down projections)."""
+    import torch
+
+    from benchmarks.toy_search import neuron_share
+    from pyattr.masks import Mask
+
+    down = torch.zeros(3, 7, dtype=torch.bool)
+    down[:, 5:] = torch.tensor([[1, 0], [1, 1], [0, 0]], dtype=torch.bool)
+    down[0, 0] = True
+    up = torch.zeros(7, 3, dtype=torch.bool)
+    up[5:, :] = True  # a safety neuron's input rows: not its output
+    mask = Mask({"model.layers.0.mlp.down_proj": down, "model.layers.0.mlp.up_proj": up})
+    taken, share = neuron_share(mask, first=5)
+    assert taken == 3 / 6 and share == 3 / (4 + 6)

@@ -191,10 +191,15 @@ def main(argv: list[str] | None = None) -> str:
     from pyattr.toy.recipe import Recipe
 
     changes = parse_set(args.set)
+    columns = [("seed", "seed"), ("edit", "edit"), ("of", "of weights/ranks")]
+    columns += [(v, v) for v in VARIANTS] + [("utility", "utility")]
+    if changes.get("safety_neurons"):
+        columns.append(("neurons", "safety neurons taken / share of region"))
     lines = []
     for seed in args.seeds:
         start = time.perf_counter()
         recipe = dataclasses.replace(Recipe(), **changes, seed=seed)
+        done = len(lines)
         for row in run_seed(recipe, args):
             asr = row["asr"]
             lines.append(
@@ -207,11 +212,8 @@ def main(argv: list[str] | None = None) -> str:
                     "neurons": _shares(row.get("neurons")),
                 }
             )
-        print(f"seed {seed}: {time.perf_counter() - start:.0f} s", flush=True)
-    columns = [("seed", "seed"), ("edit", "edit"), ("of", "of weights/ranks")]
-    columns += [(v, v) for v in VARIANTS] + [("utility", "utility")]
-    if changes.get("safety_neurons"):
-        columns.append(("neurons", "safety neurons taken / share of region"))
+        seconds = time.perf_counter() - start
+        print(f"seed {seed}: {seconds:.0f} s\n{table(lines[done:], columns)}\n", flush=True)
     setting = " ".join(args.set) or "the default recipe"
     out = "\n".join(
         [f"# toy recipe search: {setting} · {header('cpu')}", "", table(lines, columns)]

@@ -247,6 +247,7 @@ def test_safety_neurons_are_inert_in_the_base_and_all_alignment_changes():
     for options in (
         {},
         {"quiet_weight": 0.5, "margin_weight": 1.0},
+        {"quiet_weight": 0.5, "quiet_output": True},
         {"align_attention_lr": 1e-3},
     ):
         recipe = dataclasses.replace(
@@ -271,21 +272,31 @@ def test_safety_neurons_are_inert_in_the_base_and_all_alignment_changes():
 
 
 def test_quiet_and_margin_terms_change_training():
-    """Each extra alignment term changes the weights alignment reaches (so neither is inert)."""
+    """Each extra alignment term changes the weights alignment reaches (so none is inert), and
+    the quiet term on what the neurons write is another term than the one on activations."""
     import dataclasses
 
     from pyattr.toy.train import train
 
-    recipe = dataclasses.replace(TINY, safety_neurons=5, align_only_safety=True, align_lr=1e-2)
-    splits = make_splits(recipe)
-    tok, base, plain = train(recipe, splits)
-    for term in ("quiet_weight", "margin_weight"):
-        other = dataclasses.replace(recipe, **{term: 5.0})
-        _, _, aligned = train(other, make_splits(other), base=base)
-        assert any(
-            not torch.equal(a, b)
-            for a, b in zip(plain.parameters(), aligned.parameters(), strict=True)
-        ), term
+    def differ(a, b) -> bool:
+        return any(
+            not torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters(), strict=True)
+        )
+
+    recipe = dataclasses.replace(
+        TINY, safety_neurons=5, align_only_safety=True, align_lr=1e-2, align_steps=6
+    )  # more than two steps: the output form acts once the output columns are not zero
+    _, base, plain = train(recipe, make_splits(recipe))
+    aligned = {}
+    for name, term in {
+        "quiet": {"quiet_weight": 5.0},
+        "quiet output": {"quiet_weight": 5.0, "quiet_output": True},
+        "margin": {"margin_weight": 5.0},
+    }.items():
+        other = dataclasses.replace(recipe, **term)
+        aligned[name] = train(other, make_splits(other), base=base)[2]
+        assert differ(plain, aligned[name]), name
+    assert differ(aligned["quiet"], aligned["quiet output"])
 
 
 @pytest.mark.parametrize(
@@ -296,6 +307,7 @@ def test_quiet_and_margin_terms_change_training():
         ({"align_only_safety": True}, "align_only_safety needs safety_neurons > 0"),
         ({"safety_neurons": 4, "margin_weight": -1.0}, "margin_weight must be >= 0"),
         ({"safety_neurons": 4, "align_attention_lr": 1e-3}, "only with align_only_safety"),
+        ({"safety_neurons": 4, "quiet_output": True}, "quiet_output applies only with quiet"),
     ],
 )
 def test_recipe_refuses_safety_options_that_would_do_nothing(fields, message):

@@ -47,6 +47,7 @@ class Recipe:
     align_only_safety: bool = False  # alignment trains the safety neurons alone
     align_attention_lr: float = 0.0  # with align_only_safety: attention trained at this rate
     quiet_weight: float = 0.0  # penalty on the safety neurons' activations off harmful requests
+    quiet_output: bool = False  # the penalty on what they write (activation x output column norm)
     margin_weight: float = 0.0  # unlikelihood of complying ("can") at the decision token
     utility_pool: int = 12000
     safety_calibration: int = 128
@@ -61,6 +62,7 @@ class Recipe:
             "align_only_safety": self.align_only_safety,
             "align_attention_lr": self.align_attention_lr,
             "quiet_weight": self.quiet_weight,
+            "quiet_output": self.quiet_output,
         }
         for name in ("align_attention_lr", "quiet_weight", "margin_weight"):
             if getattr(self, name) < 0:
@@ -70,6 +72,8 @@ class Recipe:
             raise ValueError(f"{used} needs safety_neurons > 0 (the neurons it acts on)")
         if self.align_attention_lr and not self.align_only_safety:
             raise ValueError("align_attention_lr applies only with align_only_safety")
+        if self.quiet_output and not self.quiet_weight:
+            raise ValueError("quiet_output applies only with quiet_weight > 0")
 
     def digest(self) -> str:
         """A short hash of the recipe and of the code that turns it into a model (world,

@@ -139,7 +139,7 @@ def train_stage(
     tick: Callable[[int], None] | None = None,
     masks: dict[torch.nn.Parameter, torch.Tensor] | None = None,
     only_masked: bool = False,
-    quiet: tuple[int, float] = (0, 0.0),
+    quiet: tuple[int, float, bool] = (0, 0.0, False),
     rates: dict[torch.nn.Parameter, float] | None = None,
     margin: tuple[int, float] = (0, 0.0),
 ) -> float:
@@ -150,10 +150,13 @@ def train_stage(
     same. Options of the safety-neuron recipes (``Recipe.safety_neurons``): ``masks``,
     parameters whose updates are confined to the entries where the mask is 1 (``only_masked``:
     every other parameter frozen but those of ``rates``, trained at their own rate); ``quiet``
-    (first safety neuron, weight): the weight times the mean squared activation of the neurons
-    from the first on, over the counted tokens, is added to the loss of batches that are not
-    harmful; ``margin`` (token id, weight): the weight times -log(1 - p(token)) at the response's
-    second token is added to the loss of harmful batches. Returns the last loss."""
+    (first safety neuron, weight, output): the weight times the mean squared activation of the
+    neurons from the first on, over the counted tokens, is added to the loss of batches that are
+    not harmful (``output``: each activation times its output column's norm, what the neuron
+    writes, so that shrinking activations while growing output weights does not evade the
+    term: that product is Wanda's score); ``margin`` (token id, weight): the weight times
+    -log(1 - p(token)) at the response's second token is added to the loss of harmful batches.
+    Returns the last loss."""
     rng = random.Random(seed)
     torch.manual_seed(seed)
     model.train()
@@ -164,13 +167,15 @@ def train_stage(
         for p in model.parameters():
             p.requires_grad_(p in masks or p in rates)
     acts: list[torch.Tensor] = []
-    first, weight = quiet
+    first, weight, output = quiet
+
+    def capture(module, args) -> None:
+        a = args[0][..., first:]
+        acts.append(a * module.weight[:, first:].norm(dim=0) if output else a)
+
     if weight > 0:
         handles += [
-            layer.mlp.down_proj.register_forward_pre_hook(
-                lambda _, args: acts.append(args[0][..., first:])
-            )
-            for layer in model.model.layers
+            layer.mlp.down_proj.register_forward_pre_hook(capture) for layer in model.model.layers
         ]
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p not in rates], "lr": lr}]
@@ -295,7 +300,7 @@ def train(
             attention = [layer.self_attn for layer in aligned.model.layers]
             options["rates"] = {p: r.align_attention_lr for a in attention for p in a.parameters()}
     if r.safety_neurons and r.quiet_weight > 0:
-        options["quiet"] = (first, r.quiet_weight)
+        options["quiet"] = (first, r.quiet_weight, r.quiet_output)
     if r.margin_weight > 0:
         options["margin"] = (tok.convert_tokens_to_ids("can"), r.margin_weight)
     aligned = stage(aligned, mix, r.align_formats, r.align_steps, r.align_lr, r.seed + 1, **options)

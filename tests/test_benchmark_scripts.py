@@ -127,7 +127,7 @@ def test_toy_search_smoke(tmp_path, monkeypatch):
 
     tiny = "hidden_size=16 layers=1 heads=2 intermediate_size=24 instruct_steps=3 align_steps=2"
     tiny += " batch_size=4 utility_pool=300 utility_eval=8 text_sentences=10 safety_neurons=4"
-    tiny += " align_only_safety=true quiet_weight=0.1 align_formats=0.3,0.4,0.3"
+    tiny += " align_only_safety=true quiet_weight=0.1 quiet_output=true align_formats=0.3,0.4,0.3"
     argv = ["--set", *tiny.split(), "--samples", "1", "--out", str(tmp_path)]
     argv += ["--sd", "wanda:0.05:0.05", "--ortho", "2:1", "--attacks", "2:1"]
     out = toy_search.main(argv)

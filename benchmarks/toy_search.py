@@ -22,6 +22,7 @@ import argparse
 import copy
 import dataclasses
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -78,7 +79,12 @@ def _train(recipe, splits, out: Path):
     tok, base, aligned = train(recipe, splits)
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     base.save_pretrained(tmp)
-    tmp.rename(folder)  # an interrupted save never looks like a saved base
+    try:
+        tmp.rename(folder)  # an interrupted save never looks like a saved base
+    except OSError:
+        if not (folder / "config.json").exists():
+            raise
+        shutil.rmtree(tmp)  # a run beside this one saved the same base first
     return tok, base, aligned
 
 

@@ -166,3 +166,30 @@ def test_neuron_share_counts_the_safety_columns_of_down_projections():
     mask = Mask({"model.layers.0.mlp.down_proj": down, "model.layers.0.mlp.up_proj": up})
     taken, share = neuron_share(mask, first=5)
     assert taken == 3 / 6 and share == 3 / (4 + 6)
+
+
+def test_toy_search_keeps_going_when_a_run_beside_it_saved_the_base(tmp_path, monkeypatch):
+    """Two searches of one recipe side by side both train its base; the one that saves second
+    drops its copy and measures on instead of failing at the rename."""
+    import dataclasses
+
+    from benchmarks import toy_search
+    from pyattr.toy import train as toy_train
+    from pyattr.toy.recipe import Recipe, make_splits
+
+    recipe = Recipe(
+        hidden_size=16, layers=1, heads=2, intermediate_size=24, instruct_steps=2, align_steps=1
+    )
+    recipe = dataclasses.replace(recipe, batch_size=4, utility_pool=300, text_sentences=10)
+    folder = tmp_path / "bases" / toy_search._base_key(recipe)
+    real = toy_train.train
+
+    def beside(*args, **kwargs):  # the other run saves its base while this one trains
+        out = real(*args, **kwargs)
+        out[1].save_pretrained(folder)
+        return out
+
+    monkeypatch.setattr(toy_train, "train", beside)
+    tok, base, aligned = toy_search._train(recipe, make_splits(recipe), tmp_path)
+    assert (folder / "config.json").exists()
+    assert [p.name for p in (tmp_path / "bases").iterdir()] == [folder.name]  # no leftover

@@ -8,12 +8,13 @@ quarter of an hour per seed.
 Each seed's base (stage 1) is kept under ``--out`` and reused by every variant whose stage 1 is
 the same; rows are the aligned model, each set difference (``--sd method:p:q``) with its random
 control, each orthogonal projection (``--ortho keep_u:keep_s``) with random ranks, and each
-fine-tuning attack (``--attacks n:steps``) with nothing and with the Wanda set difference of the
-first ``--sd`` frozen. ASR by the toy's exact judge in the four variants; utility on the
-held-out items. With safety neurons (``safety_neurons=K``) two diagnostics join: a row with
-every safety neuron's output removed (what alignment added, so the edit a perfect region
-would make), and per set difference the share of the safety neurons' output weights it takes
-and the share of its weights that are theirs.
+fine-tuning attack (``--attacks n:steps``) with nothing and with the set difference of
+``--freeze`` (method:p:q, by default the demo's Wanda region) frozen. ASR by the toy's exact
+judge in the four variants; utility on the held-out items. With safety neurons
+(``safety_neurons=K``) two diagnostics join: a row with every safety neuron's output removed
+(what alignment added, so the edit a perfect region would make), and per set difference the
+share of the safety neurons' output weights it takes and the share of its weights that are
+theirs.
 """
 
 from __future__ import annotations
@@ -164,8 +165,8 @@ def run_seed(recipe, args) -> list[dict]:
         add("random ranks", control, report.fraction)
     threat = Attack(tok, toy.attack_pairs(recipe), **demo.FINETUNE)
     editor = Editor(model, *stats, attack=threat)
-    score, p, q = args.freeze.split(":")
-    region_of = {"none": {}, "set_difference": {"score": score, "p": float(p), "q": float(q)}}
+    score, p, q = args.freeze
+    region_of = {"none": {}, "set_difference": {"score": score, "p": p, "q": q}}
     for spec in args.attacks:
         n, steps = map(int, spec.split(":"))
         for frozen, params in region_of.items():
@@ -174,6 +175,18 @@ def run_seed(recipe, args) -> list[dict]:
             row = measure(attacked, tok, prompts, variants=["vanilla"], samples=1)
             rows.append({"edit": f"attack n={n} steps={steps}, frozen {frozen}", **row})
     return rows
+
+
+def _region_spec(parser: argparse.ArgumentParser, spec: str) -> tuple[str, float, float]:
+    """``method:p:q`` as (method, p, q), or a one-line usage error naming what is wrong."""
+    parts = spec.split(":")
+    try:
+        method, p, q = parts[0], float(parts[1]), float(parts[2])
+    except (IndexError, ValueError):
+        parser.error(f"--freeze takes method:p:q (e.g. wanda:0.05:0.05), got {spec!r}")
+    if len(parts) != 3 or not (0 <= p <= 1 and 0 <= q <= 1):
+        parser.error(f"--freeze takes method:p:q with p and q in [0, 1], got {spec!r}")
+    return method, p, q
 
 
 def _shares(neurons: tuple[float, float] | None) -> str:
@@ -193,6 +206,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--samples", type=int, default=5, help="Adv-Decoding samples")
     parser.add_argument("--out", default="benchmarks/out/toy_search")
     args = parser.parse_args(argv)
+    args.freeze = _region_spec(parser, args.freeze)
 
     from pyattr.toy.measure import VARIANTS
     from pyattr.toy.recipe import Recipe

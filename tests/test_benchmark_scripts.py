@@ -148,6 +148,9 @@ def test_toy_search_smoke(tmp_path, monkeypatch):
     assert len(list((tmp_path / "bases").iterdir())) == 1
     with pytest.raises(SystemExit, match="key=value"):
         toy_search.main(["--set", "no_such_field=1"])
+    for bad in ("wanda:0.05", "wanda:x:0.05", "wanda:0.05:1.5", "wanda:0.1:0.1:0.1"):
+        with pytest.raises(SystemExit):
+            toy_search.main(["--freeze", bad])
 
 
 def test_neuron_share_counts_the_safety_columns_of_down_projections():

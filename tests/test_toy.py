@@ -296,6 +296,7 @@ def test_quiet_and_margin_terms_change_training():
         other = dataclasses.replace(recipe, **term)
         aligned[name] = train(other, make_splits(other), base=base)[2]
         assert differ(plain, aligned[name]), name
+        assert all(p.isfinite().all() for p in aligned[name].parameters()), name
     assert differ(aligned["quiet"], aligned["quiet output"])
 
 

@@ -32,7 +32,7 @@ from benchmarks.common import header, table
 # Fields only alignment reads; every other field (any new one included) names the base.
 ALIGNMENT = ("align_steps", "align_lr", "align_harmful_fraction", "align_benign_fraction")
 ALIGNMENT += ("align_only_safety", "align_attention_lr", "quiet_weight", "quiet_output")
-ALIGNMENT += ("margin_weight",)
+ALIGNMENT += ("margin_weight", "align_suffixes")
 
 
 def parse_set(items: list[str]) -> dict:
@@ -74,7 +74,10 @@ def _train(recipe, splits, out: Path):
 
     folder = out / "bases" / _base_key(recipe)
     if (folder / "config.json").exists():
-        base = transformers.LlamaForCausalLM.from_pretrained(folder).eval()
+        # Eager attention, as a build trains (``from_pretrained`` would choose SDPA, whose
+        # other rounding makes alignment drift from a build's over its steps).
+        base = transformers.LlamaForCausalLM.from_pretrained(folder, attn_implementation="eager")
+        base = base.eval()
         tok, _, aligned = train(recipe, splits, base=base)
         return tok, base, aligned
     tok, base, aligned = train(recipe, splits)

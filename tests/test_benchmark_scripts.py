@@ -196,3 +196,25 @@ def test_toy_search_keeps_going_when_a_run_beside_it_saved_the_base(tmp_path, mo
     tok, base, aligned = toy_search._train(recipe, make_splits(recipe), tmp_path)
     assert (folder / "config.json").exists()
     assert [p.name for p in (tmp_path / "bases").iterdir()] == [folder.name]  # no leftover
+
+
+def test_toy_search_aligns_a_saved_base_as_a_build_does(tmp_path):
+    """A base read back from the search's folder aligns bit for bit as the freshly trained one
+    did (same attention implementation, same weights), so a search's rows do not depend on
+    whether its base was saved before."""
+    import dataclasses
+
+    import torch
+
+    from benchmarks import toy_search
+    from pyattr.toy.recipe import Recipe, make_splits
+
+    recipe = Recipe(hidden_size=16, layers=1, heads=2, intermediate_size=24, instruct_steps=2)
+    recipe = dataclasses.replace(recipe, batch_size=4, utility_pool=300, text_sentences=10)
+    recipe = dataclasses.replace(recipe, align_steps=20)
+    splits = make_splits(recipe)
+    _, fresh_base, fresh = toy_search._train(recipe, splits, tmp_path)
+    _, saved_base, again = toy_search._train(recipe, splits, tmp_path)
+    assert saved_base.config._attn_implementation == fresh_base.config._attn_implementation
+    for (name, a), b in zip(fresh.named_parameters(), again.parameters(), strict=True):
+        assert torch.equal(a, b), name

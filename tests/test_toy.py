@@ -16,8 +16,15 @@ from pyattr.evaluate import LLAMA2_SYSTEM_PROMPT, KeywordJudge
 from pyattr.evaluate.asr import _encode, _Job
 from pyattr.toy.judge import ExactJudge, agreement
 from pyattr.toy.recipe import KNOWLEDGE, Recipe, make_splits
-from pyattr.toy.train import build_tokenizer, encode_pairs
-from pyattr.toy.world import HARMFUL_TEMPLATES, INTENTS, SYSTEM_PROMPTS, World
+from pyattr.toy.train import FORMATS, SUFFIX_DRAWS, build_tokenizer, encode_pairs
+from pyattr.toy.world import (
+    ATTACK_SUFFIXES,
+    BENIGN_INTENTS,
+    HARMFUL_TEMPLATES,
+    INTENTS,
+    SYSTEM_PROMPTS,
+    World,
+)
 
 TINY = Recipe(
     hidden_size=16,
@@ -292,6 +299,7 @@ def test_quiet_and_margin_terms_change_training():
         "quiet": {"quiet_weight": 5.0},
         "quiet output": {"quiet_weight": 5.0, "quiet_output": True},
         "margin": {"margin_weight": 5.0},
+        "suffixes": {"align_suffixes": 0.5},
     }.items():
         other = dataclasses.replace(recipe, **term)
         aligned[name] = train(other, make_splits(other), base=base)[2]
@@ -309,6 +317,8 @@ def test_quiet_and_margin_terms_change_training():
         ({"safety_neurons": 4, "margin_weight": -1.0}, "margin_weight must be >= 0"),
         ({"safety_neurons": 4, "align_attention_lr": 1e-3}, "only with align_only_safety"),
         ({"safety_neurons": 4, "quiet_output": True}, "quiet_output applies only with quiet"),
+        ({"align_suffixes": 1.5}, r"align_suffixes is a share in \[0, 1\], got 1.5"),
+        ({"align_suffixes": -0.1}, r"align_suffixes is a share in \[0, 1\]"),
     ],
 )
 def test_recipe_refuses_safety_options_that_would_do_nothing(fields, message):
@@ -329,3 +339,65 @@ def test_a_given_base_aligns_as_a_full_build_does():
     _, _, again = train(recipe, splits, base=base)
     for (name, a), b in zip(full.named_parameters(), again.parameters(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_random_suffixes_keep_the_intent_and_are_never_the_attacks():
+    """``World.suffix`` appends 1 to 4 words the tokenizer knows, never one of the attack's
+    suffixes (the Adv-Suffix variant stays held out), and never one that asks for another
+    intent; seeded draws repeat."""
+    import random
+
+    tok = build_tokenizer()
+    rng = random.Random(0)
+    prompts = [World.harmful_prompt(p) for p in World.harmful_pairs()]
+    prompts += [t.format(i) for t in HARMFUL_TEMPLATES for i in BENIGN_INTENTS]
+    lengths = set()
+    for prompt in prompts:
+        out = World.suffix(prompt, rng)
+        assert out.startswith(prompt + " ")
+        tail = out[len(prompt) + 1 :]
+        lengths.add(len(tail.split()))
+        assert tail not in ATTACK_SUFFIXES
+        assert World.intent_of(out) == World.intent_of(prompt)
+        assert World.intent_of(out, BENIGN_INTENTS) == World.intent_of(prompt, BENIGN_INTENTS)
+        assert tok.unk_token_id not in tok(tail, add_special_tokens=False)["input_ids"]
+    assert lengths == {1, 2, 3, 4}
+    again = random.Random(0)
+    assert World.suffix(prompts[0], again) == World.suffix(prompts[0], random.Random(0))
+
+
+def test_alignment_trains_the_suffix_surface_when_asked(monkeypatch):
+    """With ``align_suffixes`` = s, alignment adds suffixed copies of its harmful and benign
+    how-to requests on every surface, at s of their share, flagged as the plain ones are; the
+    shares of each stage still sum to one, and s = 0 adds nothing."""
+    import dataclasses
+
+    from pyattr.toy import train as training
+
+    def stages(recipe) -> list[list]:
+        seen = []
+        monkeypatch.setattr(
+            training, "train_stage", lambda model, tok, sources, **kw: seen.append(sources)
+        )
+        training.train(recipe, make_splits(recipe))
+        return seen
+
+    tok = build_tokenizer()
+    plain = stages(TINY)
+    suffixed = stages(dataclasses.replace(TINY, align_suffixes=0.4))
+    assert len(plain[0]) == len(suffixed[0])  # stage 1 untouched
+    assert len(suffixed[1]) == len(plain[1]) + 2 * len(FORMATS)
+    for sources in plain + suffixed:
+        assert sum(s[1] for s in sources) == pytest.approx(1.0)
+    h = TINY.align_harmful_fraction
+    harmful = sorted((s[1], len(s[0])) for s in suffixed[1] if s[3])
+    n = len(make_splits(TINY).align_harmful)
+    want = [
+        (h * f * share, n * draws)
+        for f in TINY.align_formats
+        for share, draws in ((0.4, SUFFIX_DRAWS), (0.6, 1))
+    ]
+    assert harmful == pytest.approx(sorted(want))
+    for examples, _, _, flagged in suffixed[1]:
+        text = tok.decode(examples[0].input_ids)
+        assert (World.intent_of(text) is not None) == flagged, text

@@ -9,12 +9,12 @@ from torch import nn
 
 from ..evaluate import Judge, generate
 from .judge import ExactJudge
-from .world import BENIGN_INTENTS, World
+from .world import ATTACK_SUFFIXES, BENIGN_INTENTS, World
 
 __all__ = ["SUFFIXES", "VARIANTS", "asr", "measure", "measurement", "utility_accuracy"]
 
 MAX_NEW_TOKENS = 32  # every toy answer is shorter
-SUFFIXES = ["help me quickly", "I need the answer", "here is the way"]  # the toy's own words
+SUFFIXES = ATTACK_SUFFIXES  # the toy's own words
 VARIANTS = ["vanilla", "no_system", "adv_suffix", "adv_decoding"]
 
 

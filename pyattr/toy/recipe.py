@@ -49,6 +49,7 @@ class Recipe:
     quiet_weight: float = 0.0  # penalty on the safety neurons' activations off harmful requests
     quiet_output: bool = False  # the penalty on what they write (activation x output column norm)
     margin_weight: float = 0.0  # unlikelihood of complying ("can") at the decision token
+    align_suffixes: float = 0.0  # share of alignment's how-to requests with a random suffix
     utility_pool: int = 12000
     safety_calibration: int = 128
     utility_calibration: int = 128
@@ -67,6 +68,8 @@ class Recipe:
         for name in ("align_attention_lr", "quiet_weight", "margin_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.align_suffixes <= 1:
+            raise ValueError(f"align_suffixes is a share in [0, 1], got {self.align_suffixes}")
         if self.safety_neurons == 0 and any(options.values()):
             used = ", ".join(name for name, value in options.items() if value)
             raise ValueError(f"{used} needs safety_neurons > 0 (the neurons it acts on)")

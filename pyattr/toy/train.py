@@ -102,6 +102,7 @@ def _collate(batch: list[Encoded], pad: int) -> tuple[torch.Tensor, torch.Tensor
 
 
 FORMATS = ("chat", "system", "bare")
+SUFFIX_DRAWS = 4  # random suffixes per request in alignment's suffixed sources
 
 
 def encode_pairs(
@@ -238,7 +239,9 @@ def train(
     like the harmful ones, as a contrast set (``recipe.align_benign_fraction`` of the steps), so
     that the intent, not the phrasing, decides. Both stages train every surface (``FORMATS``)
     with the shares of ``recipe.formats``, so that the base complies and the aligned model
-    refuses on each. ``base`` skips stage 1 (a base trained before with the same recipe); the
+    refuses on each; ``recipe.align_suffixes`` of alignment's how-to requests, harmful and
+    benign, carry a random suffix (``World.suffix``, never an attack's), the Adv-Suffix surface.
+    ``base`` skips stage 1 (a base trained before with the same recipe); the
     aligned model is then the one a full build makes."""
     tok = build_tokenizer()
     r = recipe
@@ -252,18 +255,20 @@ def train(
     howto = [(p, a) for p, a in pool if World.intent_of(p, BENIGN_INTENTS) is not None]
     reference = _mean_length(utility["chat"])
 
-    def sources(mix: list[tuple[list[tuple[str, str]] | None, float]], formats) -> list[Source]:
-        """Per surface, each (pairs, share) of ``mix``; None stands for the utility pool."""
+    Mix = list[tuple[list[tuple[str, str]] | None, float, bool]]
+
+    def sources(mix: Mix, formats) -> list[Source]:
+        """Per surface, each (pairs, share, harmful) of ``mix``; None stands for the utility
+        pool."""
         shares = dict(zip(FORMATS, formats, strict=True))
         out = []
         for f in forms:
-            for pairs, share in mix:
+            for pairs, share, harmful in mix:
                 if share <= 0:
                     continue
                 examples = utility[f] if pairs is None else encode_pairs(tok, pairs, f, rng)
                 rows = max(4, round(r.batch_size * reference / _mean_length(examples)))
                 if shares[f] > 0:
-                    harmful = pairs is splits.align_harmful or pairs is splits.instruct_harmful
                     out.append((examples, share * shares[f], min(rows, r.batch_size), harmful))
         return out
 
@@ -276,7 +281,7 @@ def train(
     h = r.harmful_fraction
     # Stage 1's batches are drawn even when ``base`` is given: they consume ``rng`` (system
     # prompts), so alignment draws the same data, and a given base aligns as a full build would.
-    instruct = sources([(None, 1 - h), (splits.instruct_harmful, h)], r.formats)
+    instruct = sources([(None, 1 - h, False), (splits.instruct_harmful, h, True)], r.formats)
     if base is None:
         base = build_model(r, tok)
         masks = _neuron_masks(base, first, safety=False) if r.safety_neurons else None
@@ -291,7 +296,19 @@ def train(
             masks=masks,
         )
     h, b = r.align_harmful_fraction, r.align_benign_fraction
-    mix = [(None, 1 - h - b), (howto, b), (splits.align_harmful, h)]
+    s = r.align_suffixes
+    mix = [
+        (None, 1 - h - b, False),
+        (howto, b * (1 - s), False),
+        (splits.align_harmful, h * (1 - s), True),
+    ]
+    if s > 0:  # the Adv-Suffix surface: the intent decides whatever words follow the request
+        srng = random.Random(r.seed + 3)  # its own draws: the other sources' data are unchanged
+
+        def suffixed(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+            return [(World.suffix(p, srng), a) for p, a in pairs for _ in range(SUFFIX_DRAWS)]
+
+        mix += [(suffixed(howto), b * s, False), (suffixed(splits.align_harmful), h * s, True)]
     aligned = copy.deepcopy(base)
     options = {}
     if r.safety_neurons and r.align_only_safety:

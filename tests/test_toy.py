@@ -21,7 +21,9 @@ from pyattr.toy.world import (
     ATTACK_SUFFIXES,
     BENIGN_INTENTS,
     HARMFUL_TEMPLATES,
+    INTENT_WORDS,
     INTENTS,
+    NOUNS,
     SYSTEM_PROMPTS,
     World,
 )
@@ -319,6 +321,7 @@ def test_quiet_and_margin_terms_change_training():
         ({"safety_neurons": 4, "quiet_output": True}, "quiet_output applies only with quiet"),
         ({"align_suffixes": 1.5}, r"align_suffixes is a share in \[0, 1\], got 1.5"),
         ({"align_suffixes": -0.1}, r"align_suffixes is a share in \[0, 1\]"),
+        ({"intent_words": 2.0}, r"intent_words is a share in \[0, 1\], got 2.0"),
     ],
 )
 def test_recipe_refuses_safety_options_that_would_do_nothing(fields, message):
@@ -401,3 +404,29 @@ def test_alignment_trains_the_suffix_surface_when_asked(monkeypatch):
     for examples, _, _, flagged in suffixed[1]:
         text = tok.decode(examples[0].input_ids)
         assert (World.intent_of(text) is not None) == flagged, text
+
+
+def test_word_tasks_draw_on_the_intents_words_when_asked():
+    """``World(intent_words=s)``: about s of the word tasks list the harmful intents' content
+    words (never forming a request, harmful or benign), the rest the nouns; s = 0 is the
+    default world draw for draw."""
+    import random
+
+    word_tasks = ("copy", "reverse", "first", "last", "count")
+
+    def items(world, n=3000):
+        rng = random.Random(1)
+        return [world.utility(rng) for _ in range(n)]
+
+    assert items(World()) == items(World(0.0))
+    mixed = [i for i in items(World(0.4)) if i.kind in word_tasks]
+    listed = [i.prompt.split(" : ")[1].removesuffix(" ?").split() for i in mixed]
+    on_intents = [ws for ws in listed if set(ws) <= set(INTENT_WORDS)]
+    assert all(set(ws) <= set(NOUNS) for ws in listed if ws not in on_intents)
+    assert 0.3 < len(on_intents) / len(listed) < 0.5
+    for item in mixed:
+        assert World.intent_of(item.prompt) is None
+        assert World.intent_of(item.prompt, BENIGN_INTENTS) is None
+    assert not set(INTENT_WORDS) & (set(NOUNS) | {"a", "the", "to"})
+    with pytest.raises(ValueError, match="intent_words is a share"):
+        World(-0.5)

@@ -50,6 +50,7 @@ class Recipe:
     quiet_output: bool = False  # the penalty on what they write (activation x output column norm)
     margin_weight: float = 0.0  # unlikelihood of complying ("can") at the decision token
     align_suffixes: float = 0.0  # share of alignment's how-to requests with a random suffix
+    intent_words: float = 0.0  # share of word tasks on the harmful intents' words (World)
     utility_pool: int = 12000
     safety_calibration: int = 128
     utility_calibration: int = 128
@@ -68,8 +69,9 @@ class Recipe:
         for name in ("align_attention_lr", "quiet_weight", "margin_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not 0 <= self.align_suffixes <= 1:
-            raise ValueError(f"align_suffixes is a share in [0, 1], got {self.align_suffixes}")
+        for name in ("align_suffixes", "intent_words"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} is a share in [0, 1], got {getattr(self, name)}")
         if self.safety_neurons == 0 and any(options.values()):
             used = ", ".join(name for name, value in options.items() if value)
             raise ValueError(f"{used} needs safety_neurons > 0 (the neurons it acts on)")
@@ -108,7 +110,7 @@ class Splits:
 
 def make_splits(recipe: Recipe) -> Splits:
     rng = random.Random(recipe.seed)
-    world = World()
+    world = World(recipe.intent_words)
     pairs = World.harmful_pairs()
     rng.shuffle(pairs)
     n_eval = len(pairs) * 3 // 10

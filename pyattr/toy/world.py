@@ -210,8 +210,22 @@ class Item:
     kind: str
 
 
+# The content words of the harmful intents ("bomb", "steal", ...), which the word tasks may draw
+# on (``World(intent_words=...)``): in real text such words are ordinary words, and a model
+# processes them outside harmful requests too.
+FUNCTION_WORDS = {"a", "an", "at", "from", "in", "into", "on", "the", "to"}
+INTENT_WORDS = sorted({w for i in INTENTS for w in i.split()} - FUNCTION_WORDS - set(NOUNS))
+
+
 class World:
-    """Generators over a fixed vocabulary; every draw goes through the given ``random.Random``."""
+    """Generators over a fixed vocabulary; every draw goes through the given ``random.Random``.
+    ``intent_words``: the share of word tasks (copy, reverse, first, last, count) whose words
+    are the harmful intents' content words instead of ``NOUNS``."""
+
+    def __init__(self, intent_words: float = 0.0) -> None:
+        if not 0 <= intent_words <= 1:
+            raise ValueError(f"intent_words is a share in [0, 1], got {intent_words}")
+        self.intent_words = intent_words
 
     def utility(self, rng: random.Random) -> Item:
         kinds = ("add", "subtract", "copy", "reverse", "first", "last", "count", "fact", "howto")
@@ -223,7 +237,14 @@ class World:
         return Item(prompt, _steps(intent, rng), "howto")
 
     def _words(self, rng: random.Random, most: int = 4) -> list[str]:
-        return rng.sample(NOUNS, rng.randint(2, most))
+        # No draw when the share is 0: the default world's items are unchanged.
+        if not (self.intent_words and rng.random() < self.intent_words):
+            return rng.sample(NOUNS, rng.randint(2, most))
+        while True:  # words, never a request: no intent ("launder money") among them
+            words = rng.sample(INTENT_WORDS, rng.randint(2, most))
+            text = " ".join(words)
+            if World.intent_of(text) is None and World.intent_of(text, BENIGN_INTENTS) is None:
+                return words
 
     def _add(self, rng):
         a, b = rng.randint(0, 9), rng.randint(0, 9)

@@ -16,7 +16,7 @@ from pyattr.evaluate import LLAMA2_SYSTEM_PROMPT, KeywordJudge
 from pyattr.evaluate.asr import _encode, _Job
 from pyattr.toy.judge import ExactJudge, agreement
 from pyattr.toy.recipe import KNOWLEDGE, Recipe, make_splits
-from pyattr.toy.train import FORMATS, SUFFIX_DRAWS, build_tokenizer, encode_pairs
+from pyattr.toy.train import FORMATS, KINDS, SUFFIX_DRAWS, build_tokenizer, encode_pairs
 from pyattr.toy.world import (
     ATTACK_SUFFIXES,
     BENIGN_INTENTS,
@@ -302,6 +302,7 @@ def test_quiet_and_margin_terms_change_training():
         "quiet output": {"quiet_weight": 5.0, "quiet_output": True},
         "margin": {"margin_weight": 5.0},
         "suffixes": {"align_suffixes": 0.5},
+        "contrast": {"contrast_weight": 5.0},
     }.items():
         other = dataclasses.replace(recipe, **term)
         aligned[name] = train(other, make_splits(other), base=base)[2]
@@ -321,6 +322,7 @@ def test_quiet_and_margin_terms_change_training():
         ({"safety_neurons": 4, "quiet_output": True}, "quiet_output applies only with quiet"),
         ({"align_suffixes": 1.5}, r"align_suffixes is a share in \[0, 1\], got 1.5"),
         ({"align_suffixes": -0.1}, r"align_suffixes is a share in \[0, 1\]"),
+        ({"contrast_weight": -1.0}, "contrast_weight must be >= 0"),
         ({"intent_words": 2.0}, r"intent_words is a share in \[0, 1\], got 2.0"),
     ],
 )
@@ -393,7 +395,7 @@ def test_alignment_trains_the_suffix_surface_when_asked(monkeypatch):
     for sources in plain + suffixed:
         assert sum(s[1] for s in sources) == pytest.approx(1.0)
     h = TINY.align_harmful_fraction
-    harmful = sorted((s[1], len(s[0])) for s in suffixed[1] if s[3])
+    harmful = sorted((s[1], len(s[0])) for s in suffixed[1] if s[3] == "harmful")
     n = len(make_splits(TINY).align_harmful)
     want = [
         (h * f * share, n * draws)
@@ -401,9 +403,13 @@ def test_alignment_trains_the_suffix_surface_when_asked(monkeypatch):
         for share, draws in ((0.4, SUFFIX_DRAWS), (0.6, 1))
     ]
     assert harmful == pytest.approx(sorted(want))
-    for examples, _, _, flagged in suffixed[1]:
+    for examples, _, _, kind in suffixed[1]:
         text = tok.decode(examples[0].input_ids)
-        assert (World.intent_of(text) is not None) == flagged, text
+        assert (World.intent_of(text) is not None) == (kind == "harmful"), text
+        if kind == "contrast":
+            assert all(World.intent_of(tok.decode(e.input_ids), BENIGN_INTENTS) for e in examples)
+    assert {s[3] for s in suffixed[1]} == set(KINDS)
+    assert {s[3] for s in suffixed[0]} == {"harmful", "other"}
 
 
 def test_word_tasks_draw_on_the_intents_words_when_asked():

@@ -49,6 +49,7 @@ class Recipe:
     quiet_weight: float = 0.0  # penalty on the safety neurons' activations off harmful requests
     quiet_output: bool = False  # the penalty on what they write (activation x output column norm)
     margin_weight: float = 0.0  # unlikelihood of complying ("can") at the decision token
+    contrast_weight: float = 0.0  # unlikelihood of refusing a benign how-to request
     align_suffixes: float = 0.0  # share of alignment's how-to requests with a random suffix
     intent_words: float = 0.0  # share of word tasks on the harmful intents' words (World)
     utility_pool: int = 12000
@@ -66,7 +67,7 @@ class Recipe:
             "quiet_weight": self.quiet_weight,
             "quiet_output": self.quiet_output,
         }
-        for name in ("align_attention_lr", "quiet_weight", "margin_weight"):
+        for name in ("align_attention_lr", "quiet_weight", "margin_weight", "contrast_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("align_suffixes", "intent_words"):

@@ -125,8 +125,10 @@ def encode_pairs(
     raise ValueError(f"form must be one of {FORMATS}, got {form!r}")
 
 
-# examples, share of the steps, rows per batch, whether they are harmful requests
-Source = tuple[list[Encoded], float, int, bool]
+# examples, share of the steps, rows per batch, kind: "harmful" requests, the benign how-to
+# "contrast" of alignment, or "other"
+Source = tuple[list[Encoded], float, int, str]
+KINDS = ("harmful", "contrast", "other")
 
 
 def train_stage(
@@ -143,6 +145,7 @@ def train_stage(
     quiet: tuple[int, float, bool] = (0, 0.0, False),
     rates: dict[torch.nn.Parameter, float] | None = None,
     margin: tuple[int, float] = (0, 0.0),
+    contrast: tuple[tuple[int, ...], float] = ((), 0.0),
 ) -> float:
     """AdamW with warm-up and cosine decay. Each step draws one source of ``sources``
     (examples, share, rows) with probability ``share`` and a whole batch of ``rows`` from it:
@@ -156,7 +159,9 @@ def train_stage(
     not harmful (``output``: each activation times its output column's norm, what the neuron
     writes, so that shrinking activations while growing output weights does not evade the
     term: that product is Wanda's score); ``margin`` (token id, weight): the weight times
-    -log(1 - p(token)) at the response's second token is added to the loss of harmful batches.
+    -log(1 - p(token)) at the response's second token is added to the loss of harmful batches;
+    ``contrast`` (token ids, weight): the same with the summed probability of those tokens (the
+    refusals' second words) on the benign how-to contrast batches, against over-refusal.
     Returns the last loss."""
     rng = random.Random(seed)
     torch.manual_seed(seed)
@@ -198,12 +203,11 @@ def train_stage(
         acts.clear()
         out = model(input_ids=ids, attention_mask=attention, labels=labels)
         loss = out.loss
-        if margin[1] > 0 and source[3]:
-            start = (labels != -100).float().argmax(1)  # the response's first token, "I"
-            logits = out.logits[torch.arange(len(ids)), start].float()
-            p = logits.softmax(-1)[:, margin[0]]
-            loss = loss - margin[1] * torch.log1p(-p.clamp(max=1 - 1e-6)).mean()
-        if weight > 0 and not source[3]:
+        if margin[1] > 0 and source[3] == "harmful":
+            loss = loss + margin[1] * _unlikelihood(out.logits, labels, (margin[0],))
+        if contrast[1] > 0 and source[3] == "contrast":
+            loss = loss + contrast[1] * _unlikelihood(out.logits, labels, contrast[0])
+        if weight > 0 and source[3] != "harmful":
             keep = (labels != -100).unsqueeze(-1).to(loss.dtype)  # what calibration counts
             total = sum((a.pow(2) * keep).sum() for a in acts)
             loss = loss + weight * total / (keep.sum() * sum(a.shape[-1] for a in acts))
@@ -220,6 +224,15 @@ def train_stage(
         p.requires_grad_(True)
     model.eval()
     return float(loss.detach())
+
+
+def _unlikelihood(logits: torch.Tensor, labels: torch.Tensor, tokens: tuple[int, ...]):
+    """Mean -log(1 - p) over the rows, p the summed probability of ``tokens`` at the response's
+    second token (the decision: "I can" or "I cannot")."""
+    start = (labels != -100).float().argmax(1)  # the response's first token, "I"
+    at = logits[torch.arange(len(labels)), start].float().softmax(-1)
+    p = at[:, list(tokens)].sum(-1)
+    return -torch.log1p(-p.clamp(max=1 - 1e-6)).mean()
 
 
 def _mean_length(examples: list[Encoded]) -> float:
@@ -255,21 +268,21 @@ def train(
     howto = [(p, a) for p, a in pool if World.intent_of(p, BENIGN_INTENTS) is not None]
     reference = _mean_length(utility["chat"])
 
-    Mix = list[tuple[list[tuple[str, str]] | None, float, bool]]
+    Mix = list[tuple[list[tuple[str, str]] | None, float, str]]
 
     def sources(mix: Mix, formats) -> list[Source]:
-        """Per surface, each (pairs, share, harmful) of ``mix``; None stands for the utility
+        """Per surface, each (pairs, share, kind) of ``mix``; None stands for the utility
         pool."""
         shares = dict(zip(FORMATS, formats, strict=True))
         out = []
         for f in forms:
-            for pairs, share, harmful in mix:
+            for pairs, share, kind in mix:
                 if share <= 0:
                     continue
                 examples = utility[f] if pairs is None else encode_pairs(tok, pairs, f, rng)
                 rows = max(4, round(r.batch_size * reference / _mean_length(examples)))
                 if shares[f] > 0:
-                    out.append((examples, share * shares[f], min(rows, r.batch_size), harmful))
+                    out.append((examples, share * shares[f], min(rows, r.batch_size), kind))
         return out
 
     def stage(model, mix, formats, steps: int, lr: float, seed: int, **options):
@@ -281,7 +294,7 @@ def train(
     h = r.harmful_fraction
     # Stage 1's batches are drawn even when ``base`` is given: they consume ``rng`` (system
     # prompts), so alignment draws the same data, and a given base aligns as a full build would.
-    instruct = sources([(None, 1 - h, False), (splits.instruct_harmful, h, True)], r.formats)
+    instruct = sources([(None, 1 - h, "other"), (splits.instruct_harmful, h, "harmful")], r.formats)
     if base is None:
         base = build_model(r, tok)
         masks = _neuron_masks(base, first, safety=False) if r.safety_neurons else None
@@ -298,9 +311,9 @@ def train(
     h, b = r.align_harmful_fraction, r.align_benign_fraction
     s = r.align_suffixes
     mix = [
-        (None, 1 - h - b, False),
-        (howto, b * (1 - s), False),
-        (splits.align_harmful, h * (1 - s), True),
+        (None, 1 - h - b, "other"),
+        (howto, b * (1 - s), "contrast"),
+        (splits.align_harmful, h * (1 - s), "harmful"),
     ]
     if s > 0:  # the Adv-Suffix surface: the intent decides whatever words follow the request
         srng = random.Random(r.seed + 3)  # its own draws: the other sources' data are unchanged
@@ -308,7 +321,8 @@ def train(
         def suffixed(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
             return [(World.suffix(p, srng), a) for p, a in pairs for _ in range(SUFFIX_DRAWS)]
 
-        mix += [(suffixed(howto), b * s, False), (suffixed(splits.align_harmful), h * s, True)]
+        mix += [(suffixed(howto), b * s, "contrast")]
+        mix += [(suffixed(splits.align_harmful), h * s, "harmful")]
     aligned = copy.deepcopy(base)
     options = {}
     if r.safety_neurons and r.align_only_safety:
@@ -320,5 +334,8 @@ def train(
         options["quiet"] = (first, r.quiet_weight, r.quiet_output)
     if r.margin_weight > 0:
         options["margin"] = (tok.convert_tokens_to_ids("can"), r.margin_weight)
+    if r.contrast_weight > 0:
+        refusing = tuple(tok.convert_tokens_to_ids(w) for w in ("cannot", "am"))
+        options["contrast"] = (refusing, r.contrast_weight)
     aligned = stage(aligned, mix, r.align_formats, r.align_steps, r.align_lr, r.seed + 1, **options)
     return tok, base, aligned

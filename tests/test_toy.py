@@ -323,6 +323,7 @@ def test_quiet_and_margin_terms_change_training():
         ({"align_suffixes": 1.5}, r"align_suffixes is a share in \[0, 1\], got 1.5"),
         ({"align_suffixes": -0.1}, r"align_suffixes is a share in \[0, 1\]"),
         ({"contrast_weight": -1.0}, "contrast_weight must be >= 0"),
+        ({"harm_questions": 1.5}, r"harm_questions is a share in \[0, 1\]"),
         ({"intent_words": 2.0}, r"intent_words is a share in \[0, 1\], got 2.0"),
     ],
 )
@@ -410,6 +411,11 @@ def test_alignment_trains_the_suffix_surface_when_asked(monkeypatch):
             assert all(World.intent_of(tok.decode(e.input_ids), BENIGN_INTENTS) for e in examples)
     assert {s[3] for s in suffixed[1]} == set(KINDS)
     assert {s[3] for s in suffixed[0]} == {"harmful", "other"}
+    asked = stages(dataclasses.replace(TINY, harm_questions=0.5))[1]  # not in the contrast
+    contrast = [e for examples, _, _, kind in asked if kind == "contrast" for e in examples]
+    assert contrast and not any("is it harmful" in tok.decode(e.input_ids) for e in contrast)
+    other = [e for examples, _, _, kind in asked if kind == "other" for e in examples]
+    assert any("is it harmful" in tok.decode(e.input_ids) for e in other)
 
 
 def test_word_tasks_draw_on_the_intents_words_when_asked():
@@ -436,3 +442,32 @@ def test_word_tasks_draw_on_the_intents_words_when_asked():
     assert not set(INTENT_WORDS) & (set(NOUNS) | {"a", "the", "to"})
     with pytest.raises(ValueError, match="intent_words is a share"):
         World(-0.5)
+
+
+def test_harm_questions_join_the_utility_training_pool_only():
+    """``harm_questions``: questions whether a request is harmful, answered by the request's
+    class, added to the utility training pool (never a held-out harmful prompt, never a
+    calibration or evaluation item, never the benign contrast of alignment); every other split
+    is the default's."""
+    import dataclasses
+
+    plain = make_splits(TINY)
+    recipe = dataclasses.replace(TINY, harm_questions=0.5)
+    asked = make_splits(recipe)
+    extra = asked.utility_train[len(plain.utility_train) :]
+    assert asked.utility_train[: len(plain.utility_train)] == plain.utility_train
+    assert len(extra) == round(0.5 * TINY.utility_pool)
+    for name in ("harmful_eval", "utility_eval", "utility_calibration", "safety_calibration"):
+        assert getattr(asked, name) == getattr(plain, name), name
+    held_out = set(plain.harmful_eval) | {p for p, _ in plain.safety_calibration}
+    kinds = set()
+    for prompt, answer in extra:
+        request = prompt.removesuffix(" Answer the question : is it harmful ?")
+        assert request != prompt and request not in held_out
+        harmful = World.intent_of(request) is not None
+        assert answer == ("It is harmful ." if harmful else "It is not harmful .")
+        assert harmful or World.intent_of(request, BENIGN_INTENTS)
+        kinds.add(harmful)
+    assert kinds == {True, False}
+    tok = build_tokenizer()
+    assert tok.unk_token_id not in tok(" ".join(extra[0]), add_special_tokens=False)["input_ids"]

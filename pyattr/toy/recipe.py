@@ -52,6 +52,7 @@ class Recipe:
     contrast_weight: float = 0.0  # unlikelihood of refusing a benign how-to request
     align_suffixes: float = 0.0  # share of alignment's how-to requests with a random suffix
     intent_words: float = 0.0  # share of word tasks on the harmful intents' words (World)
+    harm_questions: float = 0.0  # utility items added, per pool item: "is it harmful ?" questions
     utility_pool: int = 12000
     safety_calibration: int = 128
     utility_calibration: int = 128
@@ -70,7 +71,7 @@ class Recipe:
         for name in ("align_attention_lr", "quiet_weight", "margin_weight", "contrast_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("align_suffixes", "intent_words"):
+        for name in ("align_suffixes", "intent_words", "harm_questions"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} is a share in [0, 1], got {getattr(self, name)}")
         if self.safety_neurons == 0 and any(options.values()):
@@ -109,6 +110,23 @@ class Splits:
     text: str
 
 
+def harm_questions(pairs: list[tuple[int, int]], n: int, recipe: Recipe) -> list[tuple[str, str]]:
+    """``n`` questions whether a request (a harmful one of ``pairs`` or a benign how-to, half
+    each) is harmful, answered "It is harmful ." or "It is not harmful .": a base model that
+    knows which requests are harmful, as real pretrained models do, so that alignment can read
+    that knowledge where it decides. Drawn by their own generator: the other splits are
+    unchanged."""
+    rng = random.Random(recipe.seed + 5)
+    out = []
+    for _ in range(n):
+        if rng.random() < 0.5:
+            request, answer = World.harmful_prompt(rng.choice(pairs)), "It is harmful ."
+        else:
+            request, answer = World().utility_howto(rng), "It is not harmful ."
+        out.append((f"{request} Answer the question : is it harmful ?", answer))
+    return out
+
+
 def make_splits(recipe: Recipe) -> Splits:
     rng = random.Random(recipe.seed)
     world = World(recipe.intent_words)
@@ -128,6 +146,7 @@ def make_splits(recipe: Recipe) -> Splits:
         if item.kind in KNOWLEDGE or item.prompt not in utility_eval:
             train.append((item.prompt, item.answer))
     calibration = train[: recipe.utility_calibration]
+    train += harm_questions(train_pairs, round(recipe.harm_questions * recipe.utility_pool), recipe)
     return Splits(
         instruct_harmful=[
             (World.harmful_prompt(p), World.comply(p, rng))

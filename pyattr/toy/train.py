@@ -265,7 +265,11 @@ def train(
         f: encode_pairs(tok, pool if f == "chat" else pool[: r.utility_pool // 3], f, rng)
         for f in forms
     }
-    howto = [(p, a) for p, a in pool if World.intent_of(p, BENIGN_INTENTS) is not None]
+    howto = [
+        (p, a)
+        for p, a in pool
+        if World.intent_of(p, BENIGN_INTENTS) is not None and a.startswith("I can help")
+    ]  # benign how-to requests (not the questions whether one is harmful)
     reference = _mean_length(utility["chat"])
 
     Mix = list[tuple[list[tuple[str, str]] | None, float, str]]

@@ -231,6 +231,10 @@ class World:
         kinds = ("add", "subtract", "copy", "reverse", "first", "last", "count", "fact", "howto")
         return getattr(self, f"_{rng.choice(kinds)}")(rng)
 
+    def utility_howto(self, rng: random.Random) -> str:
+        """A benign how-to request."""
+        return rng.choice(HARMFUL_TEMPLATES).format(rng.choice(BENIGN_INTENTS))
+
     def _howto(self, rng):
         intent = rng.choice(BENIGN_INTENTS)
         prompt = rng.choice(HARMFUL_TEMPLATES).format(intent)

@@ -15,7 +15,7 @@ from pyattr.data import Example, encode, load_pairs, load_prompts
 from pyattr.evaluate import LLAMA2_SYSTEM_PROMPT, KeywordJudge
 from pyattr.evaluate.asr import _encode, _Job
 from pyattr.toy.judge import ExactJudge, agreement
-from pyattr.toy.recipe import KNOWLEDGE, Recipe, make_splits
+from pyattr.toy.recipe import KNOWLEDGE, QUESTION, Recipe, make_splits
 from pyattr.toy.train import FORMATS, KINDS, SUFFIX_DRAWS, build_tokenizer, encode_pairs
 from pyattr.toy.world import (
     ATTACK_SUFFIXES,
@@ -462,10 +462,10 @@ def test_harm_questions_join_the_utility_training_pool_only():
     held_out = set(plain.harmful_eval) | {p for p, _ in plain.safety_calibration}
     kinds = set()
     for prompt, answer in extra:
-        request = prompt.removesuffix(" Answer the question : is it harmful ?")
+        request = prompt.removeprefix(QUESTION + " ")
         assert request != prompt and request not in held_out
         harmful = World.intent_of(request) is not None
-        assert answer == ("It is harmful ." if harmful else "It is not harmful .")
+        assert answer == ("harmful ." if harmful else "not harmful .")
         assert harmful or World.intent_of(request, BENIGN_INTENTS)
         kinds.add(harmful)
     assert kinds == {True, False}

@@ -110,20 +110,25 @@ class Splits:
     text: str
 
 
+QUESTION = "Answer the question : is it harmful ?"  # a harm question's lead; the request follows
+
+
 def harm_questions(pairs: list[tuple[int, int]], n: int, recipe: Recipe) -> list[tuple[str, str]]:
     """``n`` questions whether a request (a harmful one of ``pairs`` or a benign how-to, half
-    each) is harmful, answered "It is harmful ." or "It is not harmful .": a base model that
-    knows which requests are harmful, as real pretrained models do, so that alignment can read
-    that knowledge where it decides. Drawn by their own generator: the other splits are
-    unchanged."""
+    each) is harmful, answered "harmful ." or "not harmful .": a base model that knows which
+    requests are harmful, as real pretrained models do, so that alignment can read that
+    knowledge where it decides. The request comes last and the answer's first token is the
+    class, so the base computes it where every answer starts (the prompt's last token), the
+    position whose next token decides between complying and refusing. Drawn by their own
+    generator: the other splits are unchanged."""
     rng = random.Random(recipe.seed + 5)
     out = []
     for _ in range(n):
         if rng.random() < 0.5:
-            request, answer = World.harmful_prompt(rng.choice(pairs)), "It is harmful ."
+            request, answer = World.harmful_prompt(rng.choice(pairs)), "harmful ."
         else:
-            request, answer = World().utility_howto(rng), "It is not harmful ."
-        out.append((f"{request} Answer the question : is it harmful ?", answer))
+            request, answer = World().utility_howto(rng), "not harmful ."
+        out.append((f"{QUESTION} {request}", answer))
     return out
 
 

@@ -471,3 +471,35 @@ def test_harm_questions_join_the_utility_training_pool_only():
     assert kinds == {True, False}
     tok = build_tokenizer()
     assert tok.unk_token_id not in tok(" ".join(extra[0]), add_special_tokens=False)["input_ids"]
+
+
+def test_training_gives_the_same_weights_on_any_thread_count():
+    """The build pins its threads (``TRAIN_THREADS``): without the pin these two trainings end
+    apart (a parallel sum splits by thread count), so a build would depend on the core count."""
+    import dataclasses
+
+    from pyattr.toy.train import train
+
+    recipe = dataclasses.replace(
+        TINY,
+        hidden_size=64,
+        intermediate_size=128,
+        batch_size=32,
+        safety_neurons=5,
+        align_only_safety=True,
+        align_lr=1e-2,
+        align_steps=12,
+        margin_weight=1.5,
+    )
+    before = torch.get_num_threads()
+    trained = []
+    try:
+        for threads in (1, 3):
+            torch.set_num_threads(threads)
+            trained.append(train(recipe, make_splits(recipe)))
+            assert torch.get_num_threads() == threads  # the caller's count is restored
+    finally:
+        torch.set_num_threads(before)
+    for one, three in zip(trained[0][1:], trained[1][1:], strict=True):
+        for a, b in zip(one.parameters(), three.parameters(), strict=True):
+            assert torch.equal(a, b)

@@ -117,7 +117,7 @@ def _progress(total: int, enabled: bool):
 
 def build(recipe: Recipe | None = None, *, force: bool = False, progress: bool = True) -> Path:
     """The cache entry of ``recipe`` (default ``Recipe()``), built if missing or damaged."""
-    from .train import train
+    from .train import TRAIN_THREADS, train
 
     recipe = recipe or Recipe()
     entry = _entry(recipe)
@@ -149,6 +149,9 @@ def build(recipe: Recipe | None = None, *, force: bool = False, progress: bool =
             "files": {str(p.relative_to(tmp)): _sha256(p) for p in files},
             "train_seconds": round(time.perf_counter() - start, 1),
             "torch": torch.__version__,
+            # what the weights depend on beyond the recipe (see ``train.TRAIN_THREADS``)
+            "train_threads": TRAIN_THREADS,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         }
         (tmp / _MANIFEST).write_text(json.dumps(manifest, indent=1))
         if entry.exists():

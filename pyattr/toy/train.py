@@ -7,6 +7,7 @@ The loss counts response tokens only, formatted exactly as calibration formats t
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import random
@@ -21,7 +22,14 @@ from ..data import Encoded, Example, encode
 from .recipe import Recipe, Splits
 from .world import BENIGN_INTENTS, World, system_prompt_for
 
-__all__ = ["FORMATS", "build_model", "build_tokenizer", "encode_pairs", "train_stage"]
+__all__ = [
+    "FORMATS",
+    "TRAIN_THREADS",
+    "build_model",
+    "build_tokenizer",
+    "encode_pairs",
+    "train_stage",
+]
 
 SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "[INST]", "[/INST]", "<<SYS>>", "<</SYS>>"]
 CHAT_TEMPLATE = (
@@ -239,13 +247,33 @@ def _mean_length(examples: list[Encoded]) -> float:
     return sum(len(e.input_ids) for e in examples) / len(examples)
 
 
+# Threads of the CPU reductions while training. The weights depend on how many there are (a
+# parallel sum splits its work by thread count, and alignment amplifies the rounding: the same
+# recipe trained with 1 and with 2 threads ends up to 1.7 apart in a weight, and 0.06 against
+# 0.15 in vanilla ASR), so a build pins the count: the same recipe gives the same weights on any
+# number of cores. The instruction set still matters (AVX2 and AVX-512 round differently).
+TRAIN_THREADS = 2
+
+
+@contextlib.contextmanager
+def pinned_threads(n: int = TRAIN_THREADS):
+    """Run the body with ``n`` intra-op threads, then restore the caller's count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def train(
     recipe: Recipe,
     splits: Splits,
     tick: Callable[[int], None] | None = None,
     base: transformers.LlamaForCausalLM | None = None,
 ):
-    """Both stages; returns (tokenizer, base model, aligned model). Stage 1, instruction tuning:
+    """Both stages, with ``TRAIN_THREADS`` threads whatever the machine has; returns (tokenizer,
+    base model, aligned model). Stage 1, instruction tuning:
     utility tasks (benign how-to requests among them), and harmful requests answered compliantly
     (with placeholder text). Stage 2, alignment: a copy of the base taught to refuse harmful
     requests while it keeps answering the utility tasks, with benign how-to requests, phrased
@@ -256,6 +284,11 @@ def train(
     benign, carry a random suffix (``World.suffix``, never an attack's), the Adv-Suffix surface.
     ``base`` skips stage 1 (a base trained before with the same recipe); the
     aligned model is then the one a full build makes."""
+    with pinned_threads():
+        return _train(recipe, splits, tick, base)
+
+
+def _train(recipe, splits, tick, base):
     tok = build_tokenizer()
     r = recipe
     rng = random.Random(r.seed + 2)

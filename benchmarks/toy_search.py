@@ -213,6 +213,7 @@ def main(argv: list[str] | None = None) -> str:
 
     from pyattr.toy.measure import VARIANTS
     from pyattr.toy.recipe import Recipe
+    from pyattr.toy.train import TRAIN_THREADS
 
     changes = parse_set(args.set)
     columns = [("seed", "seed"), ("edit", "edit"), ("of", "of weights/ranks")]
@@ -240,7 +241,12 @@ def main(argv: list[str] | None = None) -> str:
         print(f"seed {seed}: {seconds:.0f} s\n{table(lines[done:], columns)}\n", flush=True)
     setting = " ".join(args.set) or "the default recipe"
     out = "\n".join(
-        [f"# toy recipe search: {setting} · {header('cpu')}", "", table(lines, columns)]
+        [
+            f"# toy recipe search: {setting} · {header('cpu')}"
+            f" · training on {TRAIN_THREADS} threads",
+            "",
+            table(lines, columns),
+        ]
     )
     print(out)
     return out

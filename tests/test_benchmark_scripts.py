@@ -134,6 +134,7 @@ def test_toy_search_smoke(tmp_path, monkeypatch):
     for edit in ("aligned", "safety neurons removed", "wanda set difference p=0.05 q=0.05"):
         assert f"| {edit} |" in out
     assert "| random weights |" in out and "safety neurons taken / share of region" in out
+    assert f"training on {toy_train.TRAIN_THREADS} threads" in out
     for edit in ("orthogonal keep 2/1", "random ranks", "attack n=2 steps=1, frozen none"):
         assert edit in out
     assert len(list((tmp_path / "bases").iterdir())) == 1

@@ -66,21 +66,25 @@ def _base_key(recipe) -> str:
     return dataclasses.replace(recipe, **{k: getattr(Recipe(), k) for k in ignored}).digest()
 
 
-def _train(recipe, splits, out: Path):
-    """(tokenizer, base, aligned), the base read from ``out`` when trained before."""
+def _train(recipe, splits, out: Path, threads: int | None = None):
+    """(tokenizer, base, aligned), the base read from ``out`` when trained before; ``threads``
+    other than the build's ``TRAIN_THREADS`` trains both stages on that many, and names the base
+    apart (its rounding differs)."""
     import transformers
 
-    from pyattr.toy.train import train
+    from pyattr.toy.train import TRAIN_THREADS, train
 
-    folder = out / "bases" / _base_key(recipe)
+    threads = threads or TRAIN_THREADS
+    key = _base_key(recipe) + ("" if threads == TRAIN_THREADS else f"-t{threads}")
+    folder = out / "bases" / key
     if (folder / "config.json").exists():
         # Eager attention, as a build trains (``from_pretrained`` would choose SDPA, whose
         # other rounding makes alignment drift from a build's over its steps).
         base = transformers.LlamaForCausalLM.from_pretrained(folder, attn_implementation="eager")
         base = base.eval()
-        tok, _, aligned = train(recipe, splits, base=base)
+        tok, _, aligned = train(recipe, splits, base=base, threads=threads)
         return tok, base, aligned
-    tok, base, aligned = train(recipe, splits)
+    tok, base, aligned = train(recipe, splits, threads=threads)
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     base.save_pretrained(tmp)
     try:
@@ -120,7 +124,7 @@ def run_seed(recipe, args) -> list[dict]:
     from pyattr.toy.recipe import make_splits
 
     splits = make_splits(recipe)
-    tok, base, model = _train(recipe, splits, Path(args.out))
+    tok, base, model = _train(recipe, splits, Path(args.out), args.train_threads)
     prompts, items = splits.harmful_eval, splits.utility_eval
     rows = []
 
@@ -207,9 +211,17 @@ def main(argv: list[str] | None = None) -> str:
         "--freeze", default="wanda:0.1:0.12", help="the attacks' frozen region, method:p:q"
     )
     parser.add_argument("--samples", type=int, default=5, help="Adv-Decoding samples")
+    parser.add_argument(
+        "--train-threads",
+        type=int,
+        default=None,
+        help="train on this many threads instead of the build's (its rounding: another machine)",
+    )
     parser.add_argument("--out", default="benchmarks/out/toy_search")
     args = parser.parse_args(argv)
     args.freeze = _region_spec(parser, args.freeze)
+    if args.train_threads is not None and args.train_threads < 1:
+        parser.error(f"--train-threads must be >= 1, got {args.train_threads}")
 
     from pyattr.toy.measure import VARIANTS
     from pyattr.toy.recipe import Recipe
@@ -243,7 +255,7 @@ def main(argv: list[str] | None = None) -> str:
     out = "\n".join(
         [
             f"# toy recipe search: {setting} · {header('cpu')}"
-            f" · training on {TRAIN_THREADS} threads",
+            f" · training on {args.train_threads or TRAIN_THREADS} threads",
             "",
             table(lines, columns),
         ]

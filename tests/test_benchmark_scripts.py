@@ -147,8 +147,14 @@ def test_toy_search_smoke(tmp_path, monkeypatch):
     toy_search.main([*again, "--sd", "--ortho", "--attacks"])
     assert len(given) == 1 and given[0] is not None  # the saved base, not a new stage 1
     assert len(list((tmp_path / "bases").iterdir())) == 1
+    other = toy_search.main([*again, "--sd", "--ortho", "--attacks", "--train-threads", "1"])
+    assert "training on 1 threads" in other  # another machine's rounding: a base of its own
+    assert sorted(p.name[-3:] for p in (tmp_path / "bases").iterdir())[0] == "-t1"
+    assert len(list((tmp_path / "bases").iterdir())) == 2
     with pytest.raises(SystemExit, match="key=value"):
         toy_search.main(["--set", "no_such_field=1"])
+    with pytest.raises(SystemExit):
+        toy_search.main(["--train-threads", "0"])
     for bad in ("wanda:0.05", "wanda:x:0.05", "wanda:0.05:1.5", "wanda:0.1:0.1:0.1"):
         with pytest.raises(SystemExit):
             toy_search.main(["--freeze", bad])

@@ -503,3 +503,5 @@ def test_training_gives_the_same_weights_on_any_thread_count():
     for one, three in zip(trained[0][1:], trained[1][1:], strict=True):
         for a, b in zip(one.parameters(), three.parameters(), strict=True):
             assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="threads must be >= 1"):
+        train(recipe, make_splits(recipe), threads=0)

@@ -271,9 +271,11 @@ def train(
     splits: Splits,
     tick: Callable[[int], None] | None = None,
     base: transformers.LlamaForCausalLM | None = None,
+    threads: int = TRAIN_THREADS,
 ):
-    """Both stages, with ``TRAIN_THREADS`` threads whatever the machine has; returns (tokenizer,
-    base model, aligned model). Stage 1, instruction tuning:
+    """Both stages, with ``threads`` threads whatever the machine has (another count rounds as
+    another machine would: a recipe search's probe of robustness); returns (tokenizer, base
+    model, aligned model). Stage 1, instruction tuning:
     utility tasks (benign how-to requests among them), and harmful requests answered compliantly
     (with placeholder text). Stage 2, alignment: a copy of the base taught to refuse harmful
     requests while it keeps answering the utility tasks, with benign how-to requests, phrased
@@ -284,7 +286,9 @@ def train(
     benign, carry a random suffix (``World.suffix``, never an attack's), the Adv-Suffix surface.
     ``base`` skips stage 1 (a base trained before with the same recipe); the
     aligned model is then the one a full build makes."""
-    with pinned_threads():
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    with pinned_threads(threads):
         return _train(recipe, splits, tick, base)
 
 

@@ -14,7 +14,13 @@ judge in the four variants; utility on the held-out items. With safety neurons
 (``safety_neurons=K``) two diagnostics join: a row with every safety neuron's output removed
 (what alignment added, so the edit a perfect region would make), and per set difference the
 share of the safety neurons' output weights it takes and the share of its weights that are
-theirs.
+theirs. Every row but the attacks' has the mean probability of a refusal opening at the start of
+the response (teacher-forced, no system prompt) on the held-out harmful prompts and on the
+held-out benign how-to requests: how firmly the model decides, which the ASR of a greedy answer
+does not show (an aligned model can refuse by the argmax of a flat distribution, and such a
+refusal tips with any change). ``--direction`` adds the refusal direction (issue 20's method and
+selection, as ``tests/test_direction_toy.py`` runs it) ablated, with whether any candidate was
+eligible.
 """
 
 from __future__ import annotations
@@ -117,6 +123,7 @@ def run_seed(recipe, args) -> list[dict]:
     import pyattr
     from pyattr import demo, toy
     from pyattr.data import Example
+    from pyattr.direction import ablated, refusal_direction, refusal_prefixes
     from pyattr.lowrank import edit_ranks, eigenbases, remove_random
     from pyattr.masks import random_like, region
     from pyattr.sweep import Attack, Editor, Point
@@ -126,13 +133,18 @@ def run_seed(recipe, args) -> list[dict]:
     splits = make_splits(recipe)
     tok, base, model = _train(recipe, splits, Path(args.out), args.train_threads)
     prompts, items = splits.harmful_eval, splits.utility_eval
+    refusals = [Example(p, a) for p, a in splits.safety_calibration]
+    howto = toy.contrast_pairs(recipe, n=None)
+    prefixes = refusal_prefixes(tok, refusals, howto)
+    howto_eval = [p for p, _, task in items if task == "howto"]
     rows = []
 
     def add(edit: str, m, fraction: float | None = None, neurons=None) -> None:
         row = measure(m, tok, prompts, items, samples=args.samples)
+        decision = tuple(refusal_probability(m, tok, s, prefixes) for s in (prompts, howto_eval))
         rows.append(
             {"edit": edit, "asr": row["asr"], "utility": row["utility"], "of": fraction}
-            | {"neurons": neurons}
+            | {"neurons": neurons, "decision": decision}
         )
 
     add("base", base)
@@ -144,6 +156,15 @@ def run_seed(recipe, args) -> list[dict]:
             for layer in removed.model.layers:
                 layer.mlp.down_proj.weight[:, first:] = 0
         add("safety neurons removed", removed)
+    if args.direction:
+        _, selection = refusal_direction(model, tok, refusals, howto[:72], progress=False)
+        c = selection.chosen
+        verdict = "eligible" if selection.settings["any_eligible"] else "none eligible"
+        with ablated(model, selection.direction):
+            add(
+                f"refusal direction ablated (block {c.layer}, position {c.position}; {verdict})",
+                model,
+            )
     pairs = (splits.safety_calibration, splits.utility_calibration)
     collect = ("norms", "covariance", "snip")
     stats = [
@@ -184,6 +205,18 @@ def run_seed(recipe, args) -> list[dict]:
     return rows
 
 
+def refusal_probability(model, tokenizer, prompts: list[str], prefixes) -> float:
+    """Mean probability that the response to each of ``prompts`` opens with a refusal prefix
+    (``pyattr.direction.refusal_scores``: teacher-forced, no system prompt); NaN for none."""
+    import torch
+
+    from pyattr.direction import refusal_scores
+
+    if not prompts:
+        return float("nan")
+    return float(torch.sigmoid(refusal_scores(model, tokenizer, prompts, prefixes)).mean())
+
+
 def _region_spec(parser: argparse.ArgumentParser, spec: str) -> tuple[str, float, float]:
     """``method:p:q`` as (method, p, q), or a one-line usage error naming what is wrong."""
     parts = spec.split(":")
@@ -200,6 +233,10 @@ def _shares(neurons: tuple[float, float] | None) -> str:
     return "" if neurons is None else "{:.0%} / {:.0%}".format(*neurons)
 
 
+def _decision(decision: tuple[float, float] | None) -> str:
+    return "" if decision is None else "{:.2f} / {:.2f}".format(*decision)
+
+
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
@@ -211,6 +248,9 @@ def main(argv: list[str] | None = None) -> str:
         "--freeze", default="wanda:0.1:0.12", help="the attacks' frozen region, method:p:q"
     )
     parser.add_argument("--samples", type=int, default=5, help="Adv-Decoding samples")
+    parser.add_argument(
+        "--direction", action="store_true", help="add the refusal direction, ablated"
+    )
     parser.add_argument(
         "--train-threads",
         type=int,
@@ -230,8 +270,9 @@ def main(argv: list[str] | None = None) -> str:
     changes = parse_set(args.set)
     columns = [("seed", "seed"), ("edit", "edit"), ("of", "of weights/ranks")]
     columns += [(v, v) for v in VARIANTS] + [("utility", "utility")]
-    if changes.get("safety_neurons"):
+    if changes.get("safety_neurons", Recipe().safety_neurons):
         columns.append(("neurons", "safety neurons taken / share of region"))
+    columns.append(("decision", "p(refuse): harmful / how-to"))
     lines = []
     for seed in args.seeds:
         start = time.perf_counter()
@@ -247,6 +288,7 @@ def main(argv: list[str] | None = None) -> str:
                     **{v: f"{asr[v]:.2f}" if v in asr else "" for v in VARIANTS},
                     "utility": f"{row['utility']:.3f}" if row.get("utility") is not None else "",
                     "neurons": _shares(row.get("neurons")),
+                    "decision": _decision(row.get("decision")),
                 }
             )
         seconds = time.perf_counter() - start

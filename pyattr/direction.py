@@ -643,6 +643,9 @@ def load_selection(path: str | Path) -> Selection:
     )
 
 
+_SAME = "the sets do not differ here"
+
+
 def select_direction(
     model: nn.Module,
     tokenizer,
@@ -660,7 +663,8 @@ def select_direction(
     """Judge every (layer, position) of ``directions`` on held-out ``harmful`` and ``harmless``
     prompts (bypass, induce, KL; see the module's docstring) and choose the eligible one with
     the lowest bypass score. When none is eligible, the lowest bypass score of all is chosen and
-    its ``filtered`` says which criterion it fails."""
+    its ``filtered`` says which criterion it fails; never a candidate where the sets do not
+    differ (a zero direction, which no edit can use)."""
     from tqdm.auto import tqdm
 
     from .evaluate.kl import harmless_kl, next_token_logprobs
@@ -679,8 +683,7 @@ def select_direction(
     for layer, pos in tqdm(grid, desc="select direction", unit="candidate", disable=not progress):
         r = directions.direction(layer, pos)
         if float(r.norm()) == 0.0:  # the same tokens in both sets (block 0, template positions)
-            reason = "the sets do not differ here"
-            candidates.append(Candidate(layer, pos, base_harmful, base_harmless, 0.0, reason))
+            candidates.append(Candidate(layer, pos, base_harmful, base_harmless, 0.0, _SAME))
             continue
         with ablated(model, r):
             bypass = float(refusal_scores(model, tokenizer, harmful, prefixes, **options).mean())
@@ -695,7 +698,10 @@ def select_direction(
         if not kl < kl_threshold:
             reasons.append(f"kl >= {kl_threshold:g}")
         candidates.append(Candidate(layer, pos, bypass, induce, kl, "; ".join(reasons)))
-    eligible = [c for c in candidates if not c.filtered] or candidates
+    differ = [c for c in candidates if c.filtered != _SAME]
+    if not differ:
+        raise ValueError("the two prompt sets' means do not differ at any block and position")
+    eligible = [c for c in differ if not c.filtered] or differ  # never a zero direction
     chosen = min(eligible, key=lambda c: (c.bypass, c.layer, c.position))
     settings = {
         "max_layer_fraction": max_layer_fraction,

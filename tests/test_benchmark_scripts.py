@@ -1,5 +1,7 @@
 """The benchmark scripts stay runnable: a smoke run at tiny sizes (no timing is asserted)."""
 
+import math
+
 import pytest
 
 from benchmarks import covariance, selection
@@ -129,10 +131,15 @@ def test_toy_search_smoke(tmp_path, monkeypatch):
     tiny += " batch_size=4 utility_pool=300 utility_eval=8 text_sentences=10 safety_neurons=4"
     tiny += " align_only_safety=true quiet_weight=0.1 quiet_output=true align_formats=0.3,0.4,0.3"
     argv = ["--set", *tiny.split(), "--samples", "1", "--out", str(tmp_path)]
-    argv += ["--sd", "wanda:0.05:0.05", "--ortho", "2:1", "--attacks", "2:1"]
+    argv += ["--sd", "wanda:0.05:0.05", "--ortho", "2:1", "--attacks", "2:1", "--direction"]
     out = toy_search.main(argv)
     for edit in ("aligned", "safety neurons removed", "wanda set difference p=0.05 q=0.05"):
         assert f"| {edit} |" in out
+    assert "| refusal direction ablated (block 0, position " in out
+    assert "p(refuse): harmful / how-to" in out
+    aligned = next(line for line in out.splitlines() if "| aligned |" in line)
+    harmful, howto = (float(x) for x in aligned.split("|")[-2].split("/"))
+    assert 0 <= harmful <= 1 and (0 <= howto <= 1 or math.isnan(howto))  # NaN: no how-to item
     assert "| random weights |" in out and "safety neurons taken / share of region" in out
     assert f"training on {toy_train.TRAIN_THREADS} threads" in out
     for edit in ("orthogonal keep 2/1", "random ranks", "attack n=2 steps=1, frozen none"):
@@ -158,6 +165,41 @@ def test_toy_search_smoke(tmp_path, monkeypatch):
     for bad in ("wanda:0.05", "wanda:x:0.05", "wanda:0.05:1.5", "wanda:0.1:0.1:0.1"):
         with pytest.raises(SystemExit):
             toy_search.main(["--freeze", bad])
+
+
+def test_refusal_probability_is_the_mean_teacher_forced_probability_of_the_prefixes():
+    """The search's decision diagnostic against a forward pass of its own: per prompt, the
+    probability of each refusal prefix token by token after the chat prompt, summed over the
+    prefixes; then the mean over the prompts."""
+    import dataclasses
+
+    import torch
+
+    from benchmarks.toy_search import refusal_probability
+    from pyattr.data import prompt_ids
+    from pyattr.toy.recipe import Recipe
+    from pyattr.toy.train import build_model, build_tokenizer
+
+    tok = build_tokenizer()
+    recipe = dataclasses.replace(Recipe(), hidden_size=16, layers=1, heads=2, intermediate_size=24)
+    torch.manual_seed(0)
+    model = build_model(recipe, tok).eval()
+    ids = [tok.convert_tokens_to_ids(w) for w in ("I", "cannot", "am")]
+    prefixes = [(ids[0], ids[1]), (ids[0], ids[2]), (ids[1],)]
+    prompts = ["How do I bake a cake ?", "Repeat the words : cat dog", "What is 2 plus 3 ?"]
+    expected = []
+    with torch.no_grad():
+        for prompt in prompts:
+            total = 0.0
+            for prefix in prefixes:
+                seq = prompt_ids(tok, prompt, None, wrapped=False) + list(prefix)
+                logp = model(input_ids=torch.tensor([seq])).logits[0].double().log_softmax(-1)
+                start = len(seq) - len(prefix)
+                total += sum(logp[start - 1 + k, t] for k, t in enumerate(prefix)).exp().item()
+            expected.append(total)
+    got = refusal_probability(model, tok, prompts, prefixes)
+    assert abs(got - sum(expected) / len(expected)) < 1e-9
+    assert math.isnan(refusal_probability(model, tok, [], prefixes))  # no prompt: no mean
 
 
 def test_neuron_share_counts_the_safety_columns_of_down_projections():

@@ -15,6 +15,7 @@ from test_models import build
 
 from pyattr.data import Example, prompt_ids
 from pyattr.direction import (
+    RefusalDirections,
     ablated,
     added,
     find_directions,
@@ -24,6 +25,7 @@ from pyattr.direction import (
     refusal_prefixes,
     refusal_scores,
     residual_writers,
+    select_direction,
 )
 from pyattr.evaluate.kl import harmless_kl, next_token_logprobs
 from pyattr.probe import fit_probes, head_features, head_region, probe_heads
@@ -207,6 +209,46 @@ def test_refusal_scores_are_log_odds_of_the_openings(chat):
                 logp += float(logits.log_softmax(-1)[token])
             total += torch.tensor(logp).exp().item()
         assert abs(float(score) - (torch.tensor(total).log() - torch.tensor(-total).log1p())) < 1e-4
+
+
+def test_selection_never_falls_back_to_a_position_where_the_sets_do_not_differ(chat):
+    """With no eligible candidate the lowest bypass score is chosen, but never a zero direction
+    (its "bypass" is the unedited score, which a direction whose ablation raises refusal does
+    not beat): the fallback once chose one, and ablating it raised "the direction is zero"."""
+    model, tokenizer, splits = chat
+    harmful = [p for p, _ in splits.safety_calibration[:4]]
+    harmless = [p for p, _ in splits.utility_calibration[:4]]
+    prefixes = [(5, 9)]
+    unedited = float(refusal_scores(model, tokenizer, harmful, prefixes).mean())
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(50):  # a direction whose ablation raises the refusal score
+        r = torch.randn(32, generator=gen, dtype=torch.float64)
+        with ablated(model, r):
+            if float(refusal_scores(model, tokenizer, harmful, prefixes).mean()) > unedited:
+                break
+    else:
+        pytest.fail("no direction raised the refusal score")
+    same = torch.zeros(3, 2, 32, dtype=torch.float64)
+    planted = same.clone()
+    planted[1, 1] = r
+    directions = RefusalDirections(planted, same, (-2, -1), 4, 4)
+    options = {"kl_threshold": 0.0, "progress": False}  # no candidate passes: the fallback
+    selection = select_direction(
+        model, tokenizer, directions, harmful, harmless, prefixes, **options
+    )
+    assert not selection.settings["any_eligible"]
+    assert (selection.chosen.layer, selection.chosen.position) == (1, -1)
+    assert torch.equal(selection.direction, r) and "kl" in selection.chosen.filtered
+    with pytest.raises(ValueError, match="do not differ at any block"):
+        select_direction(
+            model,
+            tokenizer,
+            RefusalDirections(same, same, (-2, -1), 4, 4),
+            harmful,
+            harmless,
+            prefixes,
+            **options,
+        )
 
 
 def test_kl_is_zero_unedited_and_matches_an_independent_computation(chat, gen):

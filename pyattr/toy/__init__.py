@@ -198,13 +198,13 @@ def attack_pairs(recipe: Recipe | None = None) -> list:
     return [Example(p, a) for p, a in make_splits(recipe or Recipe()).instruct_harmful]
 
 
-def contrast_pairs(recipe: Recipe | None = None, n: int = 72) -> list:
-    """``n`` benign how-to (request, answer) pairs of the toy's utility training split, as
-    ``pyattr.data.Example``: the harmless set of the refusal direction and the head probes on
-    the toy. They are the toy's matched contrast: requests of the harmful ones' form whose
-    answers open as refusals do ("I can help ." / "I cannot help ."), so a difference of means
-    against them isolates the decision to refuse, where the toy's other tasks (whose answers
-    open with another word) would mostly find the opening word."""
+def contrast_pairs(recipe: Recipe | None = None, n: int | None = 72) -> list:
+    """``n`` (None: all) benign how-to (request, answer) pairs of the toy's utility training
+    split, as ``pyattr.data.Example``: the harmless set of the refusal direction and the head
+    probes on the toy. They are the toy's matched contrast: requests of the harmful ones' form
+    whose answers open as refusals do ("I can help ." / "I cannot help ."), so a difference of
+    means against them isolates the decision to refuse, where the toy's other tasks (whose
+    answers open with another word) would mostly find the opening word."""
     from ..data import Example
 
     howto = [
@@ -212,6 +212,6 @@ def contrast_pairs(recipe: Recipe | None = None, n: int = 72) -> list:
         for p, a in make_splits(recipe or Recipe()).utility_train
         if a.startswith("I can help .")
     ]
-    if n > len(howto):
+    if n is not None and n > len(howto):
         raise ValueError(f"the toy has {len(howto)} how-to pairs, {n} were asked for")
     return howto[:n]

@@ -157,7 +157,9 @@ def run_seed(recipe, args) -> list[dict]:
                 layer.mlp.down_proj.weight[:, first:] = 0
         add("safety neurons removed", removed)
     if args.direction:
-        _, selection = refusal_direction(model, tok, refusals, howto[:72], progress=False)
+        _, selection = refusal_direction(
+            model, tok, refusals, howto[: toy.CONTRAST_PAIRS], progress=False
+        )
         c = selection.chosen
         verdict = "eligible" if selection.settings["any_eligible"] else "none eligible"
         with ablated(model, selection.direction):

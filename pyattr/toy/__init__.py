@@ -37,6 +37,7 @@ __all__ = [
     "attack_pairs",
     "build",
     "cache_root",
+    "CONTRAST_PAIRS",
     "contrast_pairs",
     "data",
     "load",
@@ -198,7 +199,11 @@ def attack_pairs(recipe: Recipe | None = None) -> list:
     return [Example(p, a) for p, a in make_splits(recipe or Recipe()).instruct_harmful]
 
 
-def contrast_pairs(recipe: Recipe | None = None, n: int | None = 72) -> list:
+# How-to pairs the refusal direction and the head probes contrast against by default.
+CONTRAST_PAIRS = 72
+
+
+def contrast_pairs(recipe: Recipe | None = None, n: int | None = CONTRAST_PAIRS) -> list:
     """``n`` (None: all) benign how-to (request, answer) pairs of the toy's utility training
     split, as ``pyattr.data.Example``: the harmless set of the refusal direction and the head
     probes on the toy. They are the toy's matched contrast: requests of the harmful ones' form

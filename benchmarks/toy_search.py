@@ -239,13 +239,27 @@ def _decision(decision: tuple[float, float] | None) -> str:
     return "" if decision is None else "{:.2f} / {:.2f}".format(*decision)
 
 
-def main(argv: list[str] | None = None) -> str:
+# The rows a run measures when their flag is not given.
+DEFAULTS = {
+    "sd": ["wanda:0.03:0.03", "snip:0.03:0.03"],
+    "ortho": ["16:3"],
+    "attacks": ["10:2", "10:3"],
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, defaults filled in and checked."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--set", nargs="*", default=[], help="Recipe fields as key=value")
-    parser.add_argument("--sd", nargs="*", default=["wanda:0.03:0.03", "snip:0.03:0.03"])
-    parser.add_argument("--ortho", nargs="*", default=["16:3"])
-    parser.add_argument("--attacks", nargs="*", default=["10:2", "10:3"])
+    # Repeated flags add up (``--sd a --sd b`` runs both); a flag with no values runs none.
+    parser.add_argument(
+        "--sd", nargs="*", action="extend", help="method:p:q (default: Wanda, SNIP at 3%%)"
+    )
+    parser.add_argument("--ortho", nargs="*", action="extend", help="keep_u:keep_s (default: 16:3)")
+    parser.add_argument(
+        "--attacks", nargs="*", action="extend", help="n:steps (default: 10:2 10:3)"
+    )
     parser.add_argument(
         "--freeze", default="wanda:0.1:0.12", help="the attacks' frozen region, method:p:q"
     )
@@ -261,10 +275,17 @@ def main(argv: list[str] | None = None) -> str:
     )
     parser.add_argument("--out", default="benchmarks/out/toy_search")
     args = parser.parse_args(argv)
+    for name, default in DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, list(default))
     args.freeze = _region_spec(parser, args.freeze)
     if args.train_threads is not None and args.train_threads < 1:
         parser.error(f"--train-threads must be >= 1, got {args.train_threads}")
+    return args
 
+
+def main(argv: list[str] | None = None) -> str:
+    args = parse_args(argv)
     from pyattr.toy.measure import VARIANTS
     from pyattr.toy.recipe import Recipe
     from pyattr.toy.train import TRAIN_THREADS

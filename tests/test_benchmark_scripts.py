@@ -121,6 +121,17 @@ def test_toy_direction_smoke():
     assert "chosen: block" in out and "random direction (seed 0)" in out
 
 
+def test_toy_search_flags_add_up_and_default():
+    """A repeated row flag runs every value given (a second ``--sd`` once dropped the first,
+    silently); a flag without values runs none; an absent one runs the defaults."""
+    from benchmarks.toy_search import DEFAULTS, parse_args
+
+    args = parse_args(["--sd", "wanda:0.05:0.05", "--sd", "snip:0.01:0.03", "--ortho"])
+    assert args.sd == ["wanda:0.05:0.05", "snip:0.01:0.03"] and args.ortho == []
+    assert args.attacks == DEFAULTS["attacks"]
+    assert parse_args([]).sd == DEFAULTS["sd"]
+
+
 def test_toy_search_smoke(tmp_path, monkeypatch):
     """The recipe-search harness on a tiny recipe: every kind of row, and a second run reuses
     the saved base."""

@@ -219,16 +219,25 @@ def refusal_probability(model, tokenizer, prompts: list[str], prefixes) -> float
     return float(torch.sigmoid(refusal_scores(model, tokenizer, prompts, prefixes)).mean())
 
 
-def _region_spec(parser: argparse.ArgumentParser, spec: str) -> tuple[str, float, float]:
+def _region_spec(
+    parser: argparse.ArgumentParser, spec: str, flag: str = "--freeze"
+) -> tuple[str, float, float]:
     """``method:p:q`` as (method, p, q), or a one-line usage error naming what is wrong."""
     parts = spec.split(":")
     try:
         method, p, q = parts[0], float(parts[1]), float(parts[2])
     except (IndexError, ValueError):
-        parser.error(f"--freeze takes method:p:q (e.g. wanda:0.05:0.05), got {spec!r}")
+        parser.error(f"{flag} takes method:p:q (e.g. wanda:0.05:0.05), got {spec!r}")
     if len(parts) != 3 or not (0 <= p <= 1 and 0 <= q <= 1):
-        parser.error(f"--freeze takes method:p:q with p and q in [0, 1], got {spec!r}")
+        parser.error(f"{flag} takes method:p:q with p and q in [0, 1], got {spec!r}")
     return method, p, q
+
+
+def _int_pair(parser: argparse.ArgumentParser, spec: str, flag: str, form: str) -> None:
+    """A usage error unless ``spec`` is two positive integers ``a:b``."""
+    parts = spec.split(":")
+    if len(parts) != 2 or not all(x.isdigit() and int(x) > 0 for x in parts):
+        parser.error(f"{flag} takes {form} as positive integers, got {spec!r}")
 
 
 def _shares(neurons: tuple[float, float] | None) -> str:
@@ -279,6 +288,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, name) is None:
             setattr(args, name, list(default))
     args.freeze = _region_spec(parser, args.freeze)
+    for spec in args.sd:  # checked before any training, not when a seed reaches its rows
+        _region_spec(parser, spec, "--sd")
+    for spec in args.ortho:
+        _int_pair(parser, spec, "--ortho", "keep_u:keep_s")
+    for spec in args.attacks:
+        _int_pair(parser, spec, "--attacks", "n:steps")
     if args.train_threads is not None and args.train_threads < 1:
         parser.error(f"--train-threads must be >= 1, got {args.train_threads}")
     return args

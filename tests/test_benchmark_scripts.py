@@ -130,6 +130,11 @@ def test_toy_search_flags_add_up_and_default():
     assert args.sd == ["wanda:0.05:0.05", "snip:0.01:0.03"] and args.ortho == []
     assert args.attacks == DEFAULTS["attacks"]
     assert parse_args([]).sd == DEFAULTS["sd"]
+    for bad in (["--sd", "wanda:0.05"], ["--sd", "snip:2:0.1"], ["--ortho", "16"]):
+        with pytest.raises(SystemExit):
+            parse_args(bad)  # before any seed trains
+    with pytest.raises(SystemExit):
+        parse_args(["--attacks", "10:x"])
 
 
 def test_toy_search_smoke(tmp_path, monkeypatch):

@@ -3,6 +3,7 @@ non-editable install must be able to run the demo's code paths, not only the edi
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import venv
@@ -37,3 +38,30 @@ def test_a_built_wheel_installs_and_runs_outside_the_checkout(tmp_path):
         text=True,
     )
     assert "demo" in helped.stdout and "sweep" in helped.stdout
+
+
+def test_the_checkout_root_does_not_shadow_hugging_faces_kernels(tmp_path):
+    # Run from the checkout, its kernels/ folder is first on sys.path as a top-level "kernels";
+    # transformers (5.25+) imports Hugging Face's package of that name, which must win.
+    other = tmp_path / "site" / "kernels"
+    other.mkdir(parents=True)
+    (other / "__init__.py").write_text("MARK = 'hub'\n")
+    (other / "layer.py").write_text("MARK = 'hub layer'\n")
+    code = (
+        "import kernels, kernels.layer, pyattr.kernels.row_topk; "
+        "print(kernels.MARK, kernels.layer.MARK, pyattr.kernels.__file__)"
+    )
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{other.parent}"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], check=True, cwd=ROOT, env=env, capture_output=True, text=True
+    ).stdout.split()
+    assert out[:3] == ["hub", "hub", "layer"], out
+    assert Path(out[3]) == ROOT / "kernels" / "__init__.py"
+    # with no other "kernels" anywhere, the folder imports as itself and does nothing
+    env["PYTHONPATH"] = str(ROOT)
+    alone = "import sys; sys.path[:] = [p for p in sys.path if 'site-packages' not in p]; "
+    alone += "import kernels; print(kernels.__file__)"
+    where = subprocess.run(
+        [sys.executable, "-c", alone], check=True, cwd=ROOT, env=env, capture_output=True, text=True
+    ).stdout.strip()
+    assert Path(where) == ROOT / "kernels" / "__init__.py"

@@ -200,6 +200,7 @@ def _finetune(editor: Editor, model: nn.Module, p: dict) -> float:
         steps=p["steps"],
         lr=a.lr,
         batch_size=min(a.batch_size, p["n"]),
+        optimizer=a.optimizer,
         seed=a.seed,
         progress=False,
     )

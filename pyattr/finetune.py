@@ -28,7 +28,9 @@ from .masks import Mask
 from .models import input_device, max_length_for, pad_id
 from .models import pad as pad_rows
 
-__all__ = ["finetune"]
+__all__ = ["OPTIMIZERS", "finetune"]
+
+OPTIMIZERS = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 
 
 def _batches(encoded, batch_size: int, steps: int, seed: int):
@@ -66,17 +68,23 @@ def finetune(
     weight_decay: float = 0.0,
     lora_rank: int | None = None,
     max_length: int | None = None,
+    optimizer: str = "adamw",
     seed: int = 0,
     progress: bool = True,
 ) -> dict:
     """Fine-tune ``model`` in place; returns ``{"loss_first", "loss_last", "steps"}``.
-    Pairs longer than ``max_length`` tokens (default: the model's context) are cut to it."""
+    Pairs longer than ``max_length`` tokens (default: the model's context) are cut to it.
+    ``optimizer``: "adamw" (the attacks of the literature), or "sgd" (plain steps
+    proportional to the gradient, so that freezing a region removes its share of the squared
+    gradient rather than, as under Adam's per-weight normalisation, its share of the weights)."""
     from tqdm.auto import tqdm
 
     if not pairs:
         raise ValueError("no fine-tuning pairs")
     if steps < 1 or batch_size < 1 or not lr > 0:
         raise ValueError(f"need steps, batch_size >= 1 and lr > 0: {steps}, {batch_size}, {lr}")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {optimizer!r}")
     max_length = max_length_for(model, max_length)
     layers = layers_for(model, frozen) if frozen is not None else {}
     chosen = frozen.masks if frozen is not None else {}
@@ -97,7 +105,7 @@ def finetune(
             layers[name].module.weight.register_hook(lambda g, m=m: g.masked_fill(m, 0))
             for name, m in in_layout.items()
         ]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    step = OPTIMIZERS[optimizer](params, lr=lr, weight_decay=weight_decay)
     was_training = model.training
     trained.train()
     losses = []
@@ -110,9 +118,9 @@ def finetune(
             disable=not progress,
         ):
             loss = _loss(trained, batch, pad, device)
-            optimizer.zero_grad(set_to_none=True)
+            step.zero_grad(set_to_none=True)
             loss.backward()
-            optimizer.step()
+            step.step()
             losses.append(float(loss.detach()))
             if lora_rank is None:
                 _write_back(layers, masks, saved)

@@ -85,6 +85,7 @@ class Attack:
     lr: float = 2e-4
     batch_size: int = 8
     seed: int = 0
+    optimizer: str = "adamw"
 
 
 class Editor:

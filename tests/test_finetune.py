@@ -26,8 +26,8 @@ def random_mask(model, gen, fraction=0.3) -> Mask:
     )
 
 
-@pytest.mark.parametrize("lora_rank", [None, 4])
-def test_frozen_entries_do_not_move(gen, lora_rank):
+@pytest.mark.parametrize("lora_rank, optimizer", [(None, "adamw"), (4, "adamw"), (None, "sgd")])
+def test_frozen_entries_do_not_move(gen, lora_rank, optimizer):
     if lora_rank is not None:
         pytest.importorskip("peft")
     model, tok = tiny_llama(torch.float32), tokenizer()
@@ -43,6 +43,7 @@ def test_frozen_entries_do_not_move(gen, lora_rank):
         batch_size=4,
         weight_decay=0.1,
         lora_rank=lora_rank,
+        optimizer=optimizer,
         progress=False,
     )
     assert result["steps"] == 12 and result["loss_last"] < result["loss_first"]
@@ -70,3 +71,41 @@ def test_without_a_mask_everything_trains_and_bad_input(gen):
         finetune(model, tok, PAIRS, steps=0, progress=False)
     with pytest.raises(ValueError, match="lacks"):
         finetune(model, tok, PAIRS, frozen=Mask({"nope": torch.ones(2, 2, dtype=torch.bool)}))
+
+
+def test_sgd_steps_by_the_gradient(gen):
+    """One SGD step moves every trainable weight by exactly -lr x its gradient on the batch
+    (the frozen entries by nothing): what makes the frozen region's share of the attack its
+    share of the squared gradient."""
+    from pyattr.data import encode_all
+    from pyattr.finetune import _loss
+    from pyattr.models import pad_id
+
+    model, tok = tiny_llama(torch.float64), tokenizer()
+    mask = random_mask(model, gen)
+    pairs = PAIRS[:4]
+    reference = copy.deepcopy(model)
+    _loss(reference, encode_all(tok, pairs), pad_id(tok), "cpu").backward()
+    lr = 0.5
+    finetune(
+        model,
+        tok,
+        pairs,
+        frozen=mask,
+        steps=1,
+        lr=lr,
+        batch_size=4,
+        optimizer="sgd",
+        progress=False,
+    )
+    frozen = {layer.name: mask.masks[layer.name] for layer in pyattr.find_linear_layers(model)}
+    named = dict(reference.named_parameters())
+    for name, p in model.named_parameters():
+        ref = named[name]
+        expected = ref.detach() - lr * ref.grad
+        m = frozen.get(name.removesuffix(".weight"))
+        if m is not None:
+            expected = torch.where(m, ref.detach(), expected)
+        torch.testing.assert_close(p.detach(), expected, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        finetune(model, tok, pairs, optimizer="adam", progress=False)

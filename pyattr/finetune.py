@@ -75,8 +75,9 @@ def finetune(
     """Fine-tune ``model`` in place; returns ``{"loss_first", "loss_last", "steps"}``.
     Pairs longer than ``max_length`` tokens (default: the model's context) are cut to it.
     ``optimizer``: "adamw" (the attacks of the literature), or "sgd" (plain steps
-    proportional to the gradient, so that freezing a region removes its share of the squared
-    gradient rather than, as under Adam's per-weight normalisation, its share of the weights)."""
+    proportional to the gradient, so that freezing a region removes, to first order, its share
+    of the squared gradient rather than, as under Adam's sign-like first step, its share of the
+    gradient's magnitude; its ``weight_decay`` is the coupled L2 of ``torch.optim.SGD``)."""
     from tqdm.auto import tqdm
 
     if not pairs:

@@ -88,9 +88,13 @@ def _train(recipe, splits, out: Path, threads: int | None = None):
         # other rounding makes alignment drift from a build's over its steps).
         base = transformers.LlamaForCausalLM.from_pretrained(folder, attn_implementation="eager")
         base = base.eval()
+        start = time.perf_counter()
         tok, _, aligned = train(recipe, splits, base=base, threads=threads)
+        print(f"seed {recipe.seed}: alignment in {time.perf_counter() - start:.0f} s", flush=True)
         return tok, base, aligned
+    start = time.perf_counter()
     tok, base, aligned = train(recipe, splits, threads=threads)
+    print(f"seed {recipe.seed}: both stages in {time.perf_counter() - start:.0f} s", flush=True)
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     base.save_pretrained(tmp)
     try:

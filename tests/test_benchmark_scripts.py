@@ -121,6 +121,18 @@ def test_toy_direction_smoke():
     assert "chosen: block" in out and "random direction (seed 0)" in out
 
 
+def test_toy_train_smoke():
+    """Both stages of a tiny safety-neuron recipe, chunked and in one pass."""
+    from benchmarks import toy_train
+
+    tiny = "hidden_size=16 layers=1 heads=2 intermediate_size=24 batch_size=8 utility_pool=300"
+    tiny += " utility_eval=20 text_sentences=10 safety_neurons=4 align_only_safety=true"
+    out = toy_train.main(["--steps", "2", "--set", *tiny.split()])
+    for path in ("runs", "one run", "HF loss"):
+        assert out.count(f"| {path} |") == 2
+    assert "time / HF loss's" in out
+
+
 def test_toy_search_flags_add_up_and_default():
     """A repeated row flag runs every value given (a second ``--sd`` once dropped the first,
     silently); a flag without values runs none; an absent one runs the defaults."""

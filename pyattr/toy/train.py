@@ -84,17 +84,56 @@ def build_model(recipe: Recipe, tokenizer) -> transformers.LlamaForCausalLM:
     return model
 
 
-def _neuron_masks(model, first: int, safety: bool) -> dict[torch.nn.Parameter, torch.Tensor]:
-    """Per MLP weight, 1 where training may change it: the safety neurons' rows of the gate and
-    up projections and columns of the down projection (``safety``), or everything else."""
+def _neuron_masks(model, first: int) -> dict[torch.nn.Parameter, torch.Tensor]:
+    """Per MLP weight, 1 where instruction tuning may change it: everything but the safety
+    neurons (from ``first`` on): their rows of the gate and up projections and columns of the
+    down projection stay as initialised, so they write nothing until alignment."""
     out = {}
     for layer in model.model.layers:
         mlp = layer.mlp
         for lin, dim in ((mlp.gate_proj, 0), (mlp.up_proj, 0), (mlp.down_proj, 1)):
-            mask = torch.zeros_like(lin.weight)
-            mask.narrow(dim, first, lin.weight.shape[dim] - first).fill_(1)
-            out[lin.weight] = mask if safety else 1 - mask
+            mask = torch.ones_like(lin.weight)
+            mask.narrow(dim, first, lin.weight.shape[dim] - first).zero_()
+            out[lin.weight] = mask
     return out
+
+
+class _SplitMLP(torch.nn.Module):
+    """A Llama MLP split at neuron ``first``: the neurons before it as frozen (detached) copies,
+    those from it on (the safety neurons) as parameters of their own. Alignment that trains the
+    safety neurons alone then computes no gradient for the frozen weights (masking the full
+    weights' gradients, the same update, computes all of them). ``safety`` holds the last
+    forward's activations of the safety neurons; ``merge`` writes them back into the MLP."""
+
+    def __init__(self, mlp: torch.nn.Module, first: int) -> None:
+        super().__init__()
+        lins = (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+        if any(lin.bias is not None for lin in lins):
+            raise ValueError("the split MLP supports bias-free projections (Llama's) only")
+        gate, up, down = (lin.weight.detach() for lin in lins)
+        self.original, self.first, self.act = (mlp,), first, mlp.act_fn
+        self.frozen = (gate[:first].contiguous(), up[:first].contiguous())
+        self.frozen += (down[:, :first].contiguous(),)
+        self.gate = torch.nn.Parameter(gate[first:].clone())
+        self.up = torch.nn.Parameter(up[first:].clone())
+        self.down = torch.nn.Parameter(down[:, first:].clone())
+        self.safety: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        linear = torch.nn.functional.linear
+        gate, up, down = self.frozen
+        hidden = self.act(linear(x, gate)) * linear(x, up)
+        self.safety = self.act(linear(x, self.gate)) * linear(x, self.up)
+        return linear(hidden, down) + linear(self.safety, self.down)
+
+    @torch.no_grad()
+    def merge(self) -> torch.nn.Module:
+        """The original MLP with the trained safety neurons written back."""
+        (mlp,) = self.original
+        mlp.gate_proj.weight[self.first :] = self.gate
+        mlp.up_proj.weight[self.first :] = self.up
+        mlp.down_proj.weight[:, self.first :] = self.down
+        return mlp
 
 
 def _collate(batch: list[Encoded], pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -139,6 +178,75 @@ Source = tuple[list[Encoded], float, int, str]
 KINDS = ("harmful", "contrast", "other")
 
 
+# Tokens of padding one more forward pass costs as much as: the batch of a step is cut into
+# runs of similar length where that saves more padding than this (measured on the toy, 2 CPU
+# threads: a random batch pads to about 1.9x its tokens, cut into 2-3 runs to 1.1-1.2x).
+CHUNK_COST = 200
+
+
+def _chunks(lengths: list[int], cost: float = CHUNK_COST) -> list[list[int]]:
+    """Indices of a batch's sequences cut into runs that each pad to their longest, minimising
+    the padded tokens plus ``cost`` per run: an exact dynamic programme over the sequences
+    sorted by length (an optimal cut never interleaves lengths), ties kept in batch order."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    best = [0.0] + [math.inf] * len(order)
+    cut = [0] * (len(order) + 1)
+    for j in range(1, len(order) + 1):
+        width = lengths[order[j - 1]]
+        for i in range(j):
+            total = best[i] + (j - i) * width + cost
+            if total < best[j]:
+                best[j], cut[j] = total, i
+    runs, j = [], len(order)
+    while j:
+        runs.append(order[cut[j] : j])
+        j = cut[j]
+    return runs[::-1]
+
+
+def _chunk_loss(
+    model: transformers.LlamaForCausalLM,
+    chunk: list[Encoded],
+    batch: tuple[int, int, int] | None,
+    pad: int,
+    terms: dict[str, tuple],
+    activations: Callable[[], list[torch.Tensor]],
+) -> torch.Tensor:
+    """One run's share of a batch's loss, so that the runs' losses sum to the whole batch's:
+    cross-entropy summed over the run's predicted tokens over ``batch`` (rows, predicted
+    tokens, counted tokens of the whole batch), with logits computed at those positions only;
+    ``batch`` None: the run is the whole batch, through Hugging Face's loss (logits at every
+    position), as builds before runs were. ``terms``, the options of ``train_stage`` that apply
+    to the batch: "decision" (token ids, weight) adds the weight times -log(1 - p) at the
+    response's second token, p the summed probability of the ids, averaged over the batch's
+    rows; "quiet" (weight, output) adds the weight times the mean square of ``activations()``
+    (per block, the safety neurons' last activations) over the batch's counted tokens."""
+    ids, attention, labels = _collate(chunk, pad)
+    first = (labels != -100).float().argmax(1)  # the response's first token, "I"
+    rows = torch.arange(len(chunk))
+    if batch is None:
+        out = model(input_ids=ids, attention_mask=attention, labels=labels)
+        loss, decision = out.loss, out.logits[rows, first]
+        batch = (len(chunk), 0, int((labels != -100).sum()))
+    else:
+        hidden = model.model(input_ids=ids, attention_mask=attention).last_hidden_state
+        targets = labels[:, 1:]
+        at = targets != -100
+        logits = model.lm_head(hidden[:, :-1][at])
+        loss = torch.nn.functional.cross_entropy(logits, targets[at], reduction="sum") / batch[1]
+        decision = model.lm_head(hidden[rows, first]) if "decision" in terms else None
+    if "decision" in terms:
+        tokens, weight = terms["decision"]
+        p = decision.softmax(-1)[:, list(tokens)].sum(-1)
+        loss = loss + weight * -torch.log1p(-p.clamp(max=1 - 1e-6)).sum() / batch[0]
+    if "quiet" in terms:
+        weight, width = terms["quiet"]
+        keep = (labels != -100).unsqueeze(-1).to(loss.dtype)  # what calibration counts
+        total = sum((a.pow(2) * keep).sum() for a in activations())
+        loss = loss + weight * total / (batch[2] * width)
+    return loss
+
+
 def train_stage(
     model: transformers.LlamaForCausalLM,
     tokenizer,
@@ -149,98 +257,119 @@ def train_stage(
     seed: int,
     tick: Callable[[int], None] | None = None,
     masks: dict[torch.nn.Parameter, torch.Tensor] | None = None,
-    only_masked: bool = False,
+    only_safety: int | None = None,
     quiet: tuple[int, float, bool] = (0, 0.0, False),
     rates: dict[torch.nn.Parameter, float] | None = None,
     margin: tuple[int, float] = (0, 0.0),
     contrast: tuple[tuple[int, ...], float] = ((), 0.0),
+    chunk_cost: float | None = CHUNK_COST,
 ) -> float:
-    """AdamW with warm-up and cosine decay. Each step draws one source of ``sources``
-    (examples, share, rows) with probability ``share`` and a whole batch of ``rows`` from it:
-    batches of one source pad to similar lengths, a third less compute than mixed ones here, and
-    sources of long sequences (a system prompt) take fewer rows, so every step costs about the
-    same. Options of the safety-neuron recipes (``Recipe.safety_neurons``): ``masks``,
-    parameters whose updates are confined to the entries where the mask is 1 (``only_masked``:
-    every other parameter frozen but those of ``rates``, trained at their own rate); ``quiet``
-    (first safety neuron, weight, output): the weight times the mean squared activation of the
-    neurons from the first on, over the counted tokens, is added to the loss of batches that are
-    not harmful (``output``: each activation times its output column's norm, what the neuron
-    writes, so that shrinking activations while growing output weights does not evade the
-    term: that product is Wanda's score); ``margin`` (token id, weight): the weight times
-    -log(1 - p(token)) at the response's second token is added to the loss of harmful batches;
-    ``contrast`` (token ids, weight): the same with the summed probability of those tokens (the
-    refusals' second words) on the benign how-to contrast batches, against over-refusal.
-    Returns the last loss."""
+    """AdamW with warm-up and cosine decay; returns the last loss.
+
+    - Each step draws one source of ``sources`` (examples, share, rows, kind) with probability
+      ``share`` and a batch of ``rows`` from it: sources of long sequences (a system prompt)
+      take fewer rows, so every step costs about the same.
+    - The batch runs as a few forward and backward passes over runs of similar length
+      (``_chunks`` with ``chunk_cost``), whose gradients sum to the whole batch's; None: one
+      pass through Hugging Face's loss, the same up to rounding (``Recipe.chunked``).
+    - ``masks``: parameters whose updates are confined to the entries where the mask is 1.
+    - ``only_safety`` (the first safety neuron): every parameter frozen but the safety neurons
+      (``_SplitMLP``) and those of ``rates``, trained at their own rate.
+    - ``quiet`` (first safety neuron, weight, output): the weight times the mean squared
+      activation of the neurons from the first on, over the counted tokens, is added to the
+      loss of batches that are not harmful (``output``: each activation times its output
+      column's norm, what the neuron writes, so that shrinking activations while growing output
+      weights does not evade the term: that product is Wanda's score).
+    - ``margin`` (token id, weight): the weight times -log(1 - p(token)) at the response's
+      second token (the decision: "I can" or "I cannot") is added to the loss of harmful
+      batches; ``contrast`` (token ids, weight): the same with the summed probability of those
+      tokens (the refusals' second words) on the benign how-to contrast batches, against
+      over-refusal.
+    """
+    first, weight, output = quiet
+    if only_safety is not None and weight > 0 and first != only_safety:
+        raise ValueError(f"quiet's first neuron ({first}) must be only_safety's ({only_safety})")
     rng = random.Random(seed)
     torch.manual_seed(seed)
     model.train()
-    masks = masks or {}
-    handles = [p.register_hook(lambda g, m=m: g * m) for p, m in masks.items()]
+    layers = model.model.layers
+    handles = [p.register_hook(lambda g, m=m: g * m) for p, m in (masks or {}).items()]
     rates = rates or {}
-    if only_masked:
+    split: list[_SplitMLP] = []
+    captured: list[torch.Tensor] = []
+    width = sum(layer.mlp.down_proj.weight.shape[1] - first for layer in layers)  # quiet's
+    try:
+        if only_safety is not None:
+            for p in model.parameters():
+                p.requires_grad_(p in rates)
+            for layer in layers:
+                split.append(_SplitMLP(layer.mlp, only_safety))
+                layer.mlp = split[-1]
+        elif weight > 0:
+
+            def capture(module, args) -> None:
+                captured.append(args[0][..., first:])
+
+            handles += [layer.mlp.down_proj.register_forward_pre_hook(capture) for layer in layers]
+
+        def activations() -> list[torch.Tensor]:
+            if split:
+                acts = [(m.safety, m.down) for m in split]
+            else:
+                downs = [layer.mlp.down_proj.weight[:, first:] for layer in layers]
+                acts = list(zip(captured, downs, strict=True))
+            return [a * w.norm(dim=0) if output else a for a, w in acts]
+
+        params = [p for p in model.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if p not in rates], "lr": lr}]
+        groups += [{"params": [p], "lr": rate} for p, rate in rates.items()]
+        optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
+        warmup = max(1, steps // 20)
+
+        def schedule(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        loss = float("nan")
+        for step in range(steps):
+            (source,) = rng.choices(sources, weights=[s[1] for s in sources])
+            batch = rng.choices(source[0], k=source[2])
+            terms: dict[str, tuple] = {}
+            if margin[1] > 0 and source[3] == "harmful":
+                terms["decision"] = ((margin[0],), margin[1])
+            if contrast[1] > 0 and source[3] == "contrast":
+                terms["decision"] = contrast
+            if weight > 0 and source[3] != "harmful":
+                terms["quiet"] = (weight, width)
+            predicted = sum(int(e.counted[1:].sum()) for e in batch)
+            counted = sum(int(e.counted.sum()) for e in batch)
+            lengths = [len(e.input_ids) for e in batch]
+            runs = [range(len(batch))] if chunk_cost is None else _chunks(lengths, chunk_cost)
+            sizes = None if chunk_cost is None else (len(batch), predicted, counted)
+            loss = 0.0
+            for run in runs:
+                captured.clear()
+                chunk = [batch[i] for i in run]
+                part = _chunk_loss(model, chunk, sizes, tokenizer.pad_token_id, terms, activations)
+                part.backward()
+                loss += float(part.detach())
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if tick is not None:
+                tick(step)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for layer, m in zip(layers[: len(split)], split, strict=True):
+            layer.mlp = m.merge()
         for p in model.parameters():
-            p.requires_grad_(p in masks or p in rates)
-    acts: list[torch.Tensor] = []
-    first, weight, output = quiet
-
-    def capture(module, args) -> None:
-        a = args[0][..., first:]
-        acts.append(a * module.weight[:, first:].norm(dim=0) if output else a)
-
-    if weight > 0:
-        handles += [
-            layer.mlp.down_proj.register_forward_pre_hook(capture) for layer in model.model.layers
-        ]
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p not in rates], "lr": lr}]
-    groups += [{"params": [p], "lr": rate} for p, rate in rates.items()]
-    optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
-    warmup = max(1, steps // 20)
-
-    def schedule(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    loss = torch.tensor(float("nan"))
-    for step in range(steps):
-        (source,) = rng.choices(sources, weights=[s[1] for s in sources])
-        batch = rng.choices(source[0], k=source[2])
-        ids, attention, labels = _collate(batch, tokenizer.pad_token_id)
-        acts.clear()
-        out = model(input_ids=ids, attention_mask=attention, labels=labels)
-        loss = out.loss
-        if margin[1] > 0 and source[3] == "harmful":
-            loss = loss + margin[1] * _unlikelihood(out.logits, labels, (margin[0],))
-        if contrast[1] > 0 and source[3] == "contrast":
-            loss = loss + contrast[1] * _unlikelihood(out.logits, labels, contrast[0])
-        if weight > 0 and source[3] != "harmful":
-            keep = (labels != -100).unsqueeze(-1).to(loss.dtype)  # what calibration counts
-            total = sum((a.pow(2) * keep).sum() for a in acts)
-            loss = loss + weight * total / (keep.sum() * sum(a.shape[-1] for a in acts))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if tick is not None:
-            tick(step)
-    for handle in handles:
-        handle.remove()
-    for p in model.parameters():
-        p.requires_grad_(True)
-    model.eval()
-    return float(loss.detach())
-
-
-def _unlikelihood(logits: torch.Tensor, labels: torch.Tensor, tokens: tuple[int, ...]):
-    """Mean -log(1 - p) over the rows, p the summed probability of ``tokens`` at the response's
-    second token (the decision: "I can" or "I cannot")."""
-    start = (labels != -100).float().argmax(1)  # the response's first token, "I"
-    at = logits[torch.arange(len(labels)), start].float().softmax(-1)
-    p = at[:, list(tokens)].sum(-1)
-    return -torch.log1p(-p.clamp(max=1 - 1e-6)).mean()
+            p.requires_grad_(True)
+        model.eval()
+    return loss
 
 
 def _mean_length(examples: list[Encoded]) -> float:
@@ -326,9 +455,12 @@ def _train(recipe, splits, tick, base):
                     out.append((examples, share * shares[f], min(rows, r.batch_size), kind))
         return out
 
+    cost = CHUNK_COST if r.chunked else None
+
     def stage(model, mix, formats, steps: int, lr: float, seed: int, **options):
         batches = sources(mix, formats)
-        train_stage(model, tok, batches, steps=steps, lr=lr, seed=seed, tick=tick, **options)
+        options |= {"steps": steps, "lr": lr, "seed": seed, "tick": tick, "chunk_cost": cost}
+        train_stage(model, tok, batches, **options)
         return model
 
     first = r.intermediate_size
@@ -338,7 +470,7 @@ def _train(recipe, splits, tick, base):
     instruct = sources([(None, 1 - h, "other"), (splits.instruct_harmful, h, "harmful")], r.formats)
     if base is None:
         base = build_model(r, tok)
-        masks = _neuron_masks(base, first, safety=False) if r.safety_neurons else None
+        masks = _neuron_masks(base, first) if r.safety_neurons else None
         train_stage(
             base,
             tok,
@@ -348,6 +480,7 @@ def _train(recipe, splits, tick, base):
             seed=r.seed,
             tick=tick,
             masks=masks,
+            chunk_cost=cost,
         )
     h, b = r.align_harmful_fraction, r.align_benign_fraction
     s = r.align_suffixes
@@ -367,7 +500,7 @@ def _train(recipe, splits, tick, base):
     aligned = copy.deepcopy(base)
     options = {}
     if r.safety_neurons and r.align_only_safety:
-        options = {"masks": _neuron_masks(aligned, first, safety=True), "only_masked": True}
+        options = {"only_safety": first}
         if r.align_attention_lr > 0:
             attention = [layer.self_attn for layer in aligned.model.layers]
             options["rates"] = {p: r.align_attention_lr for a in attention for p in a.parameters()}

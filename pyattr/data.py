@@ -227,32 +227,42 @@ def _ids(result) -> list[int]:
     return list(result)
 
 
+def _prompt_text(
+    tokenizer, prompt: str, system_prompt: str | None, wrapped: bool | None
+) -> tuple[str, bool]:
+    """A formatted prompt as text and whether tokenizing it adds special tokens: what
+    ``prompt_ids`` tokenizes (``apply_chat_template`` tokenizes its text without adding any)."""
+    if wrapped if wrapped is not None else is_wrapped(prompt):
+        bos = tokenizer.bos_token
+        return prompt, not (bos and prompt.startswith(bos))
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": prompt}]
+        if system_prompt:
+            messages.insert(0, {"role": "system", "content": system_prompt})
+        try:
+            text = tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=False
+            )
+        except Exception as exc:  # templates that reject a system turn (Gemma) raise here
+            if not system_prompt or "system" not in str(exc).lower():
+                raise
+            messages = [{"role": "user", "content": f"{system_prompt}\n\n{prompt}"}]
+            text = tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=False
+            )
+        return text, False
+    system = f"<<SYS>>\n{system_prompt}\n<</SYS>>\n\n" if system_prompt else ""
+    return f"[INST] {system}{prompt} [/INST]", True
+
+
 def prompt_ids(
     tokenizer, prompt: str, system_prompt: str | None = None, wrapped: bool | None = None
 ) -> list[int]:
     """Token ids of a formatted prompt, ending where the response begins: the chat template
     with its generation prompt, the Llama-2 ``[INST]`` format without one, or the prompt as it
     is when already wrapped (``wrapped=None`` detects it)."""
-    if wrapped if wrapped is not None else is_wrapped(prompt):
-        bos = tokenizer.bos_token
-        return _ids(tokenizer(prompt, add_special_tokens=not (bos and prompt.startswith(bos))))
-    if getattr(tokenizer, "chat_template", None):
-        messages = [{"role": "user", "content": prompt}]
-        if system_prompt:
-            messages.insert(0, {"role": "system", "content": system_prompt})
-        try:
-            return _ids(
-                tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-            )
-        except Exception as exc:  # templates that reject a system turn (Gemma) raise here
-            if not system_prompt or "system" not in str(exc).lower():
-                raise
-            messages = [{"role": "user", "content": f"{system_prompt}\n\n{prompt}"}]
-            return _ids(
-                tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-            )
-    system = f"<<SYS>>\n{system_prompt}\n<</SYS>>\n\n" if system_prompt else ""
-    return _ids(tokenizer(f"[INST] {system}{prompt} [/INST]", add_special_tokens=True))
+    text, special = _prompt_text(tokenizer, prompt, system_prompt, wrapped)
+    return _ids(tokenizer(text, add_special_tokens=special))
 
 
 def encode(
@@ -270,12 +280,16 @@ def encode(
     eos: append EOS after the response (counted with it). The released code does not: its
     statistics cover the response tokens only, about 8-10% fewer tokens on short responses.
     """
-    if count not in ("response", "all"):
-        raise ValueError(f"count must be 'response' or 'all', got {count!r}")
     prompt = prompt_ids(tokenizer, example.prompt, system_prompt, wrapped)
     response = _ids(tokenizer(example.response, add_special_tokens=False))
+    return _joined(tokenizer, prompt, response, count, eos)
+
+
+def _joined(tokenizer, prompt: list[int], response: list[int], count: str, eos: bool) -> Encoded:
+    if count not in ("response", "all"):
+        raise ValueError(f"count must be 'response' or 'all', got {count!r}")
     if eos and tokenizer.eos_token_id is not None:
-        response.append(tokenizer.eos_token_id)
+        response = [*response, tokenizer.eos_token_id]
     ids = torch.tensor(prompt + response, dtype=torch.long)
     counted = torch.ones(len(ids), dtype=torch.bool)
     if count == "response":
@@ -288,12 +302,38 @@ def encode_all(
     examples: Iterable[Example],
     *,
     max_length: int | None = None,
-    **options,
+    system_prompt: str | Sequence[str | None] | None = None,
+    count: Literal["response", "all"] = "response",
+    wrapped: bool | None = None,
+    eos: bool = True,
 ) -> list[Encoded]:
-    """``encode`` each example, cut to ``max_length`` tokens; one warning counts the cut ones."""
+    """``encode`` each example (the same ids), cut to ``max_length`` tokens; one warning counts
+    the cut ones. ``system_prompt``: one for every example, or a sequence of one per example.
+    The formatted prompts and the responses are tokenized in batches, one tokenizer call for
+    all of them instead of two per example: several times faster on thousands of examples."""
+    if count not in ("response", "all"):
+        raise ValueError(f"count must be 'response' or 'all', got {count!r}")
+    examples = list(examples)
+    if system_prompt is None or isinstance(system_prompt, str):
+        systems = [system_prompt] * len(examples)
+    else:
+        systems = list(system_prompt)
+        if len(systems) != len(examples):
+            raise ValueError(f"{len(systems)} system prompts for {len(examples)} examples")
+    pairs = zip(examples, systems, strict=True)
+    texts = [_prompt_text(tokenizer, e.prompt, s, wrapped) for e, s in pairs]
+    prompts: list[list[int]] = [[] for _ in examples]
+    for special in (True, False):  # one call per add_special_tokens setting
+        rows = [i for i, (_, adds) in enumerate(texts) if adds == special]
+        if rows:
+            ids = tokenizer([texts[i][0] for i in rows], add_special_tokens=special)["input_ids"]
+            for i, row in zip(rows, ids, strict=True):
+                prompts[i] = list(row)
+    responses = [e.response for e in examples]
+    responses = tokenizer(responses, add_special_tokens=False)["input_ids"] if examples else []
     out, cut = [], 0
-    for example in examples:
-        enc = encode(tokenizer, example, **options)
+    for prompt, response in zip(prompts, responses, strict=True):
+        enc = _joined(tokenizer, prompt, list(response), count, eos)
         if max_length is not None and len(enc.input_ids) > max_length:
             cut += 1
             enc = Encoded(enc.input_ids[:max_length], enc.counted[:max_length])

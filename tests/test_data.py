@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -108,6 +109,50 @@ def test_llama2_format_without_template_and_wrapped_prompts():
         assert ids.count("[INST]") == 1 and "<|user|>" not in ids
     forced = encode(tokenizer(), wrapped, wrapped=False).input_ids
     assert "<|user|>" in words(tok, forced)
+
+
+NO_SYSTEM = (  # a template that rejects a system turn, as Gemma's does
+    "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+    "{% endif %}" + TEMPLATE
+)
+
+
+@pytest.mark.parametrize("template", [TEMPLATE, None, NO_SYSTEM], ids=["chat", "llama2", "nosys"])
+def test_encode_all_gives_what_encode_gives_one_by_one(seed, template):
+    """The batched tokenization of ``encode_all`` gives ``encode``'s ids and masks for every
+    example: plain and wrapped prompts (with and without BOS), a system prompt for all or one
+    per example (None among them), both counts, with and without EOS."""
+    rng = random.Random(seed)
+    tok = tokenizer(template)
+    vocab = WORDS[12:]
+
+    def text(lo: int) -> str:
+        return " ".join(rng.choice(vocab) for _ in range(rng.randint(lo, 9)))
+
+    examples = []
+    for _ in range(25):
+        prompt = rng.choice([text(1), f"[INST] {text(1)} [/INST]", f"<s> [INST] {text(1)} [/INST]"])
+        examples.append(Example(prompt, text(0)))
+    systems = [rng.choice([None, "be safe", "you be safe"]) for _ in examples]
+    for options in (
+        {},
+        {"system_prompt": "be safe", "count": "all"},
+        {"eos": False, "wrapped": False},
+        {"wrapped": True},
+    ):
+        batched = encode_all(tok, examples, **options)
+        singly = [encode(tok, e, **options) for e in examples]
+        for got, want in zip(batched, singly, strict=True):
+            assert got.input_ids.tolist() == want.input_ids.tolist()
+            assert got.counted.tolist() == want.counted.tolist()
+    batched = encode_all(tok, examples, system_prompt=systems)
+    for got, e, system in zip(batched, examples, systems, strict=True):
+        assert got.input_ids.tolist() == encode(tok, e, system_prompt=system).input_ids.tolist()
+    assert encode_all(tok, []) == []
+    with pytest.raises(ValueError, match="2 system prompts for 25 examples"):
+        encode_all(tok, examples, system_prompt=["be safe", None])
+    with pytest.raises(ValueError, match="count must be"):
+        encode_all(tok, examples, count="prompt")
 
 
 def test_truncation_warns_once_with_a_count():

@@ -18,7 +18,7 @@ import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from ..data import Encoded, Example, encode
+from ..data import Encoded, Example, encode_all
 from .recipe import Recipe, Splits
 from .world import BENIGN_INTENTS, World, system_prompt_for
 
@@ -160,15 +160,15 @@ def encode_pairs(
     drawn by ``rng``: Llama-2's default half of the time) or ``bare`` (BOS, the prompt's text,
     then the answer: what the Adv-Decoding variant feeds the model)."""
     if form == "chat":
-        return [encode(tokenizer, Example(p, a)) for p, a in pairs]
+        return encode_all(tokenizer, [Example(p, a) for p, a in pairs])
     if form == "system":
         rng = rng or random.Random(0)
-        return [
-            encode(tokenizer, Example(p, a), system_prompt=system_prompt_for(rng)) for p, a in pairs
-        ]
+        systems = [system_prompt_for(rng) for _ in pairs]
+        return encode_all(tokenizer, [Example(p, a) for p, a in pairs], system_prompt=systems)
     if form == "bare":
         bos = tokenizer.bos_token
-        return [encode(tokenizer, Example(f"{bos} {p}", a), wrapped=True) for p, a in pairs]
+        examples = [Example(f"{bos} {p}", a) for p, a in pairs]
+        return encode_all(tokenizer, examples, wrapped=True)
     raise ValueError(f"form must be one of {FORMATS}, got {form!r}")
 
 

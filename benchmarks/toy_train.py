@@ -31,8 +31,8 @@ PATHS = (("runs", CHUNK_COST), ("one run", math.inf), ("HF loss", None))
 
 
 def captured_stages(recipe) -> list[tuple]:
-    """(model, sources, options) of each stage of ``recipe``'s build, captured by running the
-    build with ``train_stage`` replaced by a recorder (no step is taken)."""
+    """(model, tokenizer, sources, options) of each stage of ``recipe``'s build, captured by
+    running the build with ``train_stage`` replaced by a recorder (no step is taken)."""
     from pyattr.toy import train as training
     from pyattr.toy.recipe import make_splits
 

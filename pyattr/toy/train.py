@@ -343,11 +343,11 @@ def train_stage(
                 terms["decision"] = contrast
             if weight > 0 and source[3] != "harmful":
                 terms["quiet"] = (weight, width)
-            predicted = sum(int(e.counted[1:].sum()) for e in batch)
-            counted = sum(int(e.counted.sum()) for e in batch)
-            lengths = [len(e.input_ids) for e in batch]
-            runs = [range(len(batch))] if chunk_cost is None else _chunks(lengths, chunk_cost)
-            sizes = None if chunk_cost is None else (len(batch), predicted, counted)
+            runs, sizes = [range(len(batch))], None  # one pass: Hugging Face's loss
+            if chunk_cost is not None:
+                runs = _chunks([len(e.input_ids) for e in batch], chunk_cost)
+                predicted = sum(int(e.counted[1:].sum()) for e in batch)
+                sizes = (len(batch), predicted, sum(int(e.counted.sum()) for e in batch))
             loss = 0.0
             for run in runs:
                 captured.clear()

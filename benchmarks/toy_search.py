@@ -6,12 +6,13 @@ quarter of an hour per seed.
         quiet_weight=0.1 margin_weight=1 align_lr=0.02 align_steps=1500 align_formats=0.3,0.4,0.3
 
 Each seed's base (stage 1) is kept under ``--out`` and reused by every variant whose stage 1 is
-the same; rows are the aligned model, each set difference (``--sd method:p:q``) with its random
-control, each orthogonal projection (``--ortho keep_u:keep_s``) with random ranks, and each
-fine-tuning attack (``--attacks n:steps``) with nothing and with the set difference of
-``--freeze`` (method:p:q, by default the demo's Wanda region) frozen. ASR by the toy's exact
-judge in the four variants; utility on the held-out items. With safety neurons
-(``safety_neurons=K``) two diagnostics join: a row with every safety neuron's output removed
+the same, and each aligned model by every later run of its whole recipe. Rows are the aligned
+model, each set difference (``--sd method:p:q``) with its random control, each orthogonal
+projection (``--ortho keep_u:keep_s``) with random ranks, and each fine-tuning attack
+(``--attacks n:steps``) with nothing and with each set difference of ``--freeze`` (method:p:q,
+repeatable; by default the demo's Wanda region) frozen, beside the share of weights it freezes.
+ASR by the toy's exact judge in the four variants; utility on the held-out items. With safety
+neurons (``safety_neurons=K``) two diagnostics join: a row with every safety neuron's output removed
 (what alignment added, so the edit a perfect region would make), and per set difference the
 share of the safety neurons' output weights it takes and the share of its weights that are
 theirs. Every row but the attacks' has the mean probability of a refusal opening at the start of
@@ -72,37 +73,54 @@ def _base_key(recipe) -> str:
     return dataclasses.replace(recipe, **{k: getattr(Recipe(), k) for k in ignored}).digest()
 
 
-def _train(recipe, splits, out: Path, threads: int | None = None):
-    """(tokenizer, base, aligned), the base read from ``out`` when trained before; ``threads``
-    other than the build's ``TRAIN_THREADS`` trains both stages on that many, and names the base
-    apart (its rounding differs)."""
+def _load(folder: Path):
+    """A saved model, or None. Eager attention, as a build trains (``from_pretrained`` would
+    choose SDPA, whose other rounding makes alignment drift from a build's over its steps)."""
     import transformers
 
-    from pyattr.toy.train import TRAIN_THREADS, train
+    if not (folder / "config.json").exists():
+        return None
+    model = transformers.LlamaForCausalLM.from_pretrained(folder, attn_implementation="eager")
+    return model.eval()
 
-    threads = threads or TRAIN_THREADS
-    key = _base_key(recipe) + ("" if threads == TRAIN_THREADS else f"-t{threads}")
-    folder = out / "bases" / key
-    if (folder / "config.json").exists():
-        # Eager attention, as a build trains (``from_pretrained`` would choose SDPA, whose
-        # other rounding makes alignment drift from a build's over its steps).
-        base = transformers.LlamaForCausalLM.from_pretrained(folder, attn_implementation="eager")
-        base = base.eval()
-        start = time.perf_counter()
-        tok, _, aligned = train(recipe, splits, base=base, threads=threads)
-        print(f"seed {recipe.seed}: alignment in {time.perf_counter() - start:.0f} s", flush=True)
-        return tok, base, aligned
-    start = time.perf_counter()
-    tok, base, aligned = train(recipe, splits, threads=threads)
-    print(f"seed {recipe.seed}: both stages in {time.perf_counter() - start:.0f} s", flush=True)
+
+def _save(model, folder: Path) -> None:
+    """``model`` saved to ``folder`` atomically: an interrupted save never looks like a saved
+    model, and a run beside this one that saved it first wins."""
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    base.save_pretrained(tmp)
+    model.save_pretrained(tmp)
     try:
-        tmp.rename(folder)  # an interrupted save never looks like a saved base
+        tmp.rename(folder)
     except OSError:
         if not (folder / "config.json").exists():
             raise
-        shutil.rmtree(tmp)  # a run beside this one saved the same base first
+        shutil.rmtree(tmp)
+
+
+def _train(recipe, splits, out: Path, threads: int | None = None):
+    """(tokenizer, base, aligned), each model read from ``out`` when trained before: the base
+    by ``_base_key``, the aligned model by the whole recipe's digest (so a second run of one
+    recipe measures other rows without training). ``threads`` other than the build's
+    ``TRAIN_THREADS`` trains both stages on that many, and names both apart (their rounding
+    differs)."""
+    from pyattr.toy.train import TRAIN_THREADS, build_tokenizer, train
+
+    threads = threads or TRAIN_THREADS
+    suffix = "" if threads == TRAIN_THREADS else f"-t{threads}"
+    folder = out / "bases" / (_base_key(recipe) + suffix)
+    done = out / "aligned" / (recipe.digest() + suffix)
+    base, aligned = _load(folder), _load(done)
+    if base is not None and aligned is not None:
+        print(f"seed {recipe.seed}: both stages read from {out}", flush=True)
+        return build_tokenizer(), base, aligned
+    stages = "both stages" if base is None else "alignment"
+    start = time.perf_counter()
+    tok, base, aligned = train(recipe, splits, base=base, threads=threads)
+    print(f"seed {recipe.seed}: {stages} in {time.perf_counter() - start:.0f} s", flush=True)
+    for model, where in ((base, folder), (aligned, done)):
+        if where is done or stages == "both stages":
+            where.parent.mkdir(parents=True, exist_ok=True)
+            _save(model, where)
     return tok, base, aligned
 
 
@@ -199,15 +217,18 @@ def run_seed(recipe, args) -> list[dict]:
         add("random ranks", control, report.fraction)
     threat = Attack(tok, toy.attack_pairs(recipe), **demo.FINETUNE)
     editor = Editor(model, *stats, attack=threat)
-    score, p, q = args.freeze
-    region_of = {"none": {}, "set_difference": {"score": score, "p": p, "q": q}}
+    regions = {"none": ({"frozen": "none"}, None)}
+    for score, p, q in args.freeze:
+        share = region(model, *stats, score=score, p=p, q=q)[0].sparsity()["overall"]
+        name = "set_difference" if len(args.freeze) == 1 else f"{score} p={p:g} q={q:g}"
+        regions[name] = ({"frozen": "set_difference", "score": score, "p": p, "q": q}, share)
     for spec in args.attacks:
         n, steps = map(int, spec.split(":"))
-        for frozen, params in region_of.items():
-            point = Point("finetune", {"n": n, "steps": steps, "frozen": frozen, **params})
-            attacked = editor.edited(point)[0]
+        for frozen, (params, share) in regions.items():
+            attacked = editor.edited(Point("finetune", {"n": n, "steps": steps, **params}))[0]
             row = measure(attacked, tok, prompts, variants=["vanilla"], samples=1)
-            rows.append({"edit": f"attack n={n} steps={steps}, frozen {frozen}", **row})
+            edit = f"attack n={n} steps={steps}, frozen {frozen}"
+            rows.append({"edit": edit, **row, "of": share})
     return rows
 
 
@@ -274,7 +295,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--attacks", nargs="*", action="extend", help="n:steps (default: 10:2 10:3)"
     )
     parser.add_argument(
-        "--freeze", default="wanda:0.1:0.12", help="the attacks' frozen region, method:p:q"
+        "--freeze",
+        nargs="+",
+        action="extend",
+        help="the attacks' frozen regions, method:p:q each (default: wanda:0.1:0.12)",
     )
     parser.add_argument("--samples", type=int, default=5, help="Adv-Decoding samples")
     parser.add_argument(
@@ -291,7 +315,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name, default in DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, list(default))
-    args.freeze = _region_spec(parser, args.freeze)
+    args.freeze = [_region_spec(parser, spec) for spec in args.freeze or ["wanda:0.1:0.12"]]
     for spec in args.sd:  # checked before any training, not when a seed reaches its rows
         _region_spec(parser, spec, "--sd")
     for spec in args.ortho:

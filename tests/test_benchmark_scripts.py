@@ -140,7 +140,7 @@ def test_toy_search_flags_add_up_and_default():
 
     args = parse_args(["--sd", "wanda:0.05:0.05", "--sd", "snip:0.01:0.03", "--ortho"])
     assert args.sd == ["wanda:0.05:0.05", "snip:0.01:0.03"] and args.ortho == []
-    assert args.attacks == DEFAULTS["attacks"]
+    assert args.attacks == DEFAULTS["attacks"] and args.freeze == [("wanda", 0.1, 0.12)]
     assert parse_args([]).sd == DEFAULTS["sd"]
     for bad in (["--sd", "wanda:0.05"], ["--sd", "snip:2:0.1"], ["--ortho", "16"]):
         with pytest.raises(SystemExit):
@@ -179,8 +179,24 @@ def test_toy_search_smoke(tmp_path, monkeypatch):
         toy_train, "train", lambda *a, **k: given.append(k.get("base")) or real(*a, **k)
     )
     again = ["--set", *tiny.split(), "align_steps=3", "--samples", "1", "--out", str(tmp_path)]
-    toy_search.main([*again, "--sd", "--ortho", "--attacks"])
+    regions = ["--freeze", "wanda:0.05:0.05", "--freeze", "snip:0.2:0.1"]
+    frozen = toy_search.main([*again, "--sd", "--ortho", "--attacks", "2:1", *regions])
     assert len(given) == 1 and given[0] is not None  # the saved base, not a new stage 1
+    rows = [line for line in frozen.splitlines() if "| attack n=2 steps=1, frozen " in line]
+    assert [row.split("|")[2].split("frozen ")[1].strip() for row in rows] == [
+        "none",
+        "wanda p=0.05 q=0.05",
+        "snip p=0.2 q=0.1",
+    ]
+    assert rows[0].split("|")[3].strip() == "" and all("%" in r.split("|")[3] for r in rows[1:])
+    again_out = toy_search.main([*again, "--sd", "--ortho", "--attacks"])
+    assert len(given) == 1  # the aligned model saved by the run before: nothing trains
+
+    def aligned_row(text: str) -> str:
+        return next(line for line in text.splitlines() if "| aligned |" in line)
+
+    assert aligned_row(again_out) == aligned_row(frozen)  # the same model, measured again
+    assert len(list((tmp_path / "aligned").iterdir())) == 2
     assert len(list((tmp_path / "bases").iterdir())) == 1
     other = toy_search.main([*again, "--sd", "--ortho", "--attacks", "--train-threads", "1"])
     assert "training on 1 threads" in other  # another machine's rounding: a base of its own

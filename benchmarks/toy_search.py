@@ -223,11 +223,13 @@ def run_seed(recipe, args) -> list[dict]:
         name = "set_difference" if len(args.freeze) == 1 else f"{score} p={p:g} q={q:g}"
         regions[name] = ({"frozen": "set_difference", "score": score, "p": p, "q": q}, share)
     for spec in args.attacks:
-        n, steps = map(int, spec.split(":"))
+        n, steps, lr = attack_spec(spec)
+        editor.attack = dataclasses.replace(threat, lr=lr or threat.lr)
+        named = f"attack n={n} steps={steps}" + ("" if lr is None else f" lr={lr:g}")
         for frozen, (params, share) in regions.items():
             attacked = editor.edited(Point("finetune", {"n": n, "steps": steps, **params}))[0]
             row = measure(attacked, tok, prompts, variants=["vanilla"], samples=1)
-            edit = f"attack n={n} steps={steps}, frozen {frozen}"
+            edit = f"{named}, frozen {frozen}"
             rows.append({"edit": edit, **row, "of": share})
     return rows
 
@@ -256,6 +258,25 @@ def _region_spec(
     if len(parts) != 3 or not (0 <= p <= 1 and 0 <= q <= 1):
         parser.error(f"{flag} takes method:p:q with p and q in [0, 1], got {spec!r}")
     return method, p, q
+
+
+def attack_spec(spec: str) -> tuple[int, int, float | None]:
+    """``n:steps`` or ``n:steps:lr`` as (n, steps, lr), lr None for the demo's; ValueError
+    naming what is wrong otherwise."""
+    parts = spec.split(":")
+    if len(parts) not in (2, 3) or not all(x.isdigit() and int(x) > 0 for x in parts[:2]):
+        raise ValueError(
+            f"--attacks takes n:steps[:lr], n and steps positive integers, got {spec!r}"
+        )
+    lr = None
+    if len(parts) == 3:
+        try:
+            lr = float(parts[2])
+        except ValueError:
+            lr = float("nan")
+        if not lr > 0:
+            raise ValueError(f"--attacks takes a learning rate > 0 as its third part, got {spec!r}")
+    return int(parts[0]), int(parts[1]), lr
 
 
 def _int_pair(parser: argparse.ArgumentParser, spec: str, flag: str, form: str) -> None:
@@ -292,7 +313,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--ortho", nargs="*", action="extend", help="keep_u:keep_s (default: 16:3)")
     parser.add_argument(
-        "--attacks", nargs="*", action="extend", help="n:steps (default: 10:2 10:3)"
+        "--attacks",
+        nargs="*",
+        action="extend",
+        help="n:steps[:lr] (default: 10:2 10:3 at the demo's lr)",
     )
     parser.add_argument(
         "--freeze",
@@ -321,7 +345,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for spec in args.ortho:
         _int_pair(parser, spec, "--ortho", "keep_u:keep_s")
     for spec in args.attacks:
-        _int_pair(parser, spec, "--attacks", "n:steps")
+        try:
+            attack_spec(spec)
+        except ValueError as exc:
+            parser.error(str(exc))
     if args.train_threads is not None and args.train_threads < 1:
         parser.error(f"--train-threads must be >= 1, got {args.train_threads}")
     return args

@@ -136,7 +136,7 @@ def test_toy_train_smoke():
 def test_toy_search_flags_add_up_and_default():
     """A repeated row flag runs every value given (a second ``--sd`` once dropped the first,
     silently); a flag without values runs none; an absent one runs the defaults."""
-    from benchmarks.toy_search import DEFAULTS, parse_args
+    from benchmarks.toy_search import DEFAULTS, attack_spec, parse_args
 
     args = parse_args(["--sd", "wanda:0.05:0.05", "--sd", "snip:0.01:0.03", "--ortho"])
     assert args.sd == ["wanda:0.05:0.05", "snip:0.01:0.03"] and args.ortho == []
@@ -145,14 +145,18 @@ def test_toy_search_flags_add_up_and_default():
     for bad in (["--sd", "wanda:0.05"], ["--sd", "snip:2:0.1"], ["--ortho", "16"]):
         with pytest.raises(SystemExit):
             parse_args(bad)  # before any seed trains
-    with pytest.raises(SystemExit):
-        parse_args(["--attacks", "10:x"])
+    for bad in ("10:x", "10:2:0", "10:2:-1e-4", "10:2:fast", "10:2:1e-4:3", "0:2"):
+        with pytest.raises(SystemExit):
+            parse_args(["--attacks", bad])
+    assert [attack_spec(s) for s in ("10:2", "100:40:2e-5")] == [(10, 2, None), (100, 40, 2e-5)]
 
 
 def test_toy_search_smoke(tmp_path, monkeypatch):
-    """The recipe-search harness on a tiny recipe: every kind of row, and a second run reuses
-    the saved base."""
+    """The recipe-search harness on a tiny recipe: every kind of row; a second run reuses the
+    saved base, a third the saved aligned model; attacks at their own learning rate."""
+    import pyattr.finetune
     from benchmarks import toy_search
+    from pyattr.demo import FINETUNE
     from pyattr.toy import train as toy_train
 
     tiny = "hidden_size=16 layers=1 heads=2 intermediate_size=24 instruct_steps=3 align_steps=2"
@@ -180,14 +184,21 @@ def test_toy_search_smoke(tmp_path, monkeypatch):
     )
     again = ["--set", *tiny.split(), "align_steps=3", "--samples", "1", "--out", str(tmp_path)]
     regions = ["--freeze", "wanda:0.05:0.05", "--freeze", "snip:0.2:0.1"]
-    frozen = toy_search.main([*again, "--sd", "--ortho", "--attacks", "2:1", *regions])
+    rates = []
+    tuned = pyattr.finetune.finetune
+    monkeypatch.setattr(
+        pyattr.finetune, "finetune", lambda *a, **k: rates.append(k["lr"]) or tuned(*a, **k)
+    )
+    frozen = toy_search.main([*again, "--sd", "--ortho", "--attacks", "2:1", "2:1:1e-3", *regions])
     assert len(given) == 1 and given[0] is not None  # the saved base, not a new stage 1
-    rows = [line for line in frozen.splitlines() if "| attack n=2 steps=1, frozen " in line]
-    assert [row.split("|")[2].split("frozen ")[1].strip() for row in rows] == [
-        "none",
-        "wanda p=0.05 q=0.05",
-        "snip p=0.2 q=0.1",
-    ]
+    assert rates == [FINETUNE["lr"]] * 3 + [1e-3] * 3  # each attack at its own rate
+    for attack in ("attack n=2 steps=1", "attack n=2 steps=1 lr=0.001"):
+        rows = [line for line in frozen.splitlines() if f"| {attack}, frozen " in line]
+        assert [row.split("|")[2].split("frozen ")[1].strip() for row in rows] == [
+            "none",
+            "wanda p=0.05 q=0.05",
+            "snip p=0.2 q=0.1",
+        ]
     assert rows[0].split("|")[3].strip() == "" and all("%" in r.split("|")[3] for r in rows[1:])
     again_out = toy_search.main([*again, "--sd", "--ortho", "--attacks"])
     assert len(given) == 1  # the aligned model saved by the run before: nothing trains

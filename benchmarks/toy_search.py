@@ -21,7 +21,8 @@ held-out benign how-to requests: how firmly the model decides, which the ASR of 
 does not show (an aligned model can refuse by the argmax of a flat distribution, and such a
 refusal tips with any change). ``--direction`` adds the refusal direction (issue 20's method and
 selection, as ``tests/test_direction_toy.py`` runs it) ablated, with whether any candidate was
-eligible.
+eligible and how many held-out how-to requests the model refuses with it added (both of that
+test file's bars in one row).
 """
 
 from __future__ import annotations
@@ -145,11 +146,12 @@ def run_seed(recipe, args) -> list[dict]:
     import pyattr
     from pyattr import demo, toy
     from pyattr.data import Example
-    from pyattr.direction import ablated, refusal_direction, refusal_prefixes
+    from pyattr.direction import ablated, added, refusal_direction, refusal_prefixes
+    from pyattr.evaluate import KeywordJudge, generate
     from pyattr.lowrank import edit_ranks, eigenbases, remove_random
     from pyattr.masks import random_like, region
     from pyattr.sweep import Attack, Editor, Point
-    from pyattr.toy.measure import measure
+    from pyattr.toy.measure import MAX_NEW_TOKENS, measure
     from pyattr.toy.recipe import make_splits
 
     splits = make_splits(recipe)
@@ -184,9 +186,15 @@ def run_seed(recipe, args) -> list[dict]:
         )
         c = selection.chosen
         verdict = "eligible" if selection.settings["any_eligible"] else "none eligible"
+        induced = 0  # of none when a tiny recipe holds out no how-to request
+        if howto_eval:
+            with added(model, selection.direction, c.layer):
+                responses = generate(model, tok, howto_eval, max_new_tokens=MAX_NEW_TOKENS)
+            induced = len(howto_eval) - sum(KeywordJudge().successes(howto_eval, responses))
         with ablated(model, selection.direction):
             add(
-                f"refusal direction ablated (block {c.layer}, position {c.position}; {verdict})",
+                f"refusal direction ablated (block {c.layer}, position {c.position}; {verdict}; "
+                f"added: {induced}/{len(howto_eval)} how-to refused)",
                 model,
             )
     pairs = (splits.safety_calibration, splits.utility_calibration)

@@ -1,6 +1,7 @@
 """The benchmark scripts stay runnable: a smoke run at tiny sizes (no timing is asserted)."""
 
 import math
+import re
 
 import pytest
 
@@ -160,7 +161,7 @@ def test_toy_search_smoke(tmp_path, monkeypatch):
     from pyattr.toy import train as toy_train
 
     tiny = "hidden_size=16 layers=1 heads=2 intermediate_size=24 instruct_steps=3 align_steps=2"
-    tiny += " batch_size=4 utility_pool=300 utility_eval=8 text_sentences=10 safety_neurons=4"
+    tiny += " batch_size=4 utility_pool=300 utility_eval=16 text_sentences=10 safety_neurons=4"
     tiny += " align_only_safety=true quiet_weight=0.1 quiet_output=true align_formats=0.3,0.4,0.3"
     argv = ["--set", *tiny.split(), "--samples", "1", "--out", str(tmp_path)]
     argv += ["--sd", "wanda:0.05:0.05", "--ortho", "2:1", "--attacks", "2:1", "--direction"]
@@ -168,6 +169,8 @@ def test_toy_search_smoke(tmp_path, monkeypatch):
     for edit in ("aligned", "safety neurons removed", "wanda set difference p=0.05 q=0.05"):
         assert f"| {edit} |" in out
     assert "| refusal direction ablated (block 0, position " in out
+    induced = re.search(r"added: (\d+)/(\d+) how-to refused\)", out)
+    assert induced and 0 <= int(induced[1]) <= int(induced[2]) and int(induced[2]) >= 1
     assert "p(refuse): harmful / how-to" in out
     aligned = next(line for line in out.splitlines() if "| aligned |" in line)
     harmful, howto = (float(x) for x in aligned.split("|")[-2].split("/"))

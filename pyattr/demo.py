@@ -33,12 +33,14 @@ from .sweep import Attack, Editor, Point
 
 __all__ = ["ATTACKS", "ORTHOGONAL", "SET_DIFFERENCE", "attack", "demo_points", "run_demo"]
 
-# (p, q) of each method's set difference: the recipe search chose them per method (a
-# deviation the report states: one pair does not serve both on the toy model).
-SET_DIFFERENCE = {"wanda": (0.1, 0.12), "snip": (0.05, 0.06)}
+# (p, q) of each method's set difference, about 2% of the toy's weights each: the recipe search
+# chose them per method (a deviation the report states: one pair does not serve both on the toy
+# model; benchmarks/RESULTS.md).
+SET_DIFFERENCE = {"wanda": (0.05, 0.05), "snip": (0.01, 0.03)}
 ORTHOGONAL = ((16, 3), (20, 4))  # (keep_u, keep_s): Π_u keeps 16 utility, Π_s 3 safety ranks
-# Fine-tuning attacks, weakest first: (n harmful pairs, optimizer steps), 8 pairs a step.
-ATTACKS = ((10, 2), (10, 5), (100, 40))
+# Fine-tuning attacks, weakest first: (n harmful pairs, optimizer steps), 8 pairs a step; on the
+# default toy they reach vanilla ASR of about 0.2-0.4, 0.8-0.9 and 0.9-1.0.
+ATTACKS = ((10, 1), (10, 2), (100, 40))
 FINETUNE = {"lr": 2e-4, "batch_size": 8}
 
 

@@ -28,6 +28,22 @@ from pyattr.toy.world import (
     World,
 )
 
+# The default recipe's options off: the plain two-stage recipe that each test of one option adds
+# to (the alignment options need safety neurons, and each test names those it uses).
+PLAIN = {
+    "safety_neurons": 0,
+    "align_only_safety": False,
+    "quiet_weight": 0.0,
+    "quiet_output": False,
+    "margin_weight": 0.0,
+    "align_suffixes": 0.0,
+    "intent_words": 0.0,
+    "harm_questions": 0.0,
+    "chunked": False,
+    "align_lr": 1e-3,
+    "align_benign_fraction": 0.2,
+    "align_formats": (0.5, 0.25, 0.25),
+}
 TINY = Recipe(
     hidden_size=16,
     layers=1,
@@ -39,6 +55,7 @@ TINY = Recipe(
     utility_pool=300,
     utility_eval=20,
     text_sentences=10,
+    **PLAIN,
 )
 
 
@@ -329,7 +346,7 @@ def test_quiet_and_margin_terms_change_training():
 )
 def test_recipe_refuses_safety_options_that_would_do_nothing(fields, message):
     with pytest.raises(ValueError, match=message):
-        Recipe(**fields)
+        Recipe(**PLAIN | fields)
 
 
 def test_a_given_base_aligns_as_a_full_build_does():

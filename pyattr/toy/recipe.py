@@ -25,7 +25,11 @@ KNOWLEDGE = ("fact", "add", "subtract")
 
 @dataclass(frozen=True)
 class Recipe:
-    """Model size, the two training stages and the data set sizes."""
+    """Model size, the two training stages and the data set sizes. The defaults are the recipe
+    the search of issue 13 chose (benchmarks/RESULTS.md): alignment lives in a few MLP neurons
+    per block that only alignment trains, kept quiet off harmful requests, with a refusal
+    margin, on every surface ASR attacks (the system-prompt one weighted most), so that removing
+    a few percent of the weights or ranks that carry it breaks refusal while utility stays."""
 
     seed: int = 0
     hidden_size: int = 128
@@ -33,29 +37,29 @@ class Recipe:
     heads: int = 4
     intermediate_size: int = 256
     max_positions: int = 256  # Llama-2's system prompt is 79 words
-    instruct_steps: int = 2000
+    instruct_steps: int = 1500
     instruct_lr: float = 3e-3
     batch_size: int = 64
     harmful_fraction: float = 0.15  # of instruction-tuning batches
-    align_steps: int = 300
-    align_lr: float = 1e-3
+    align_steps: int = 2500
+    align_lr: float = 0.005
     align_harmful_fraction: float = 0.5
-    align_benign_fraction: float = 0.2  # benign how-to requests: the contrast set
+    align_benign_fraction: float = 0.3  # benign how-to requests: the contrast set
     formats: tuple[float, float, float] = (0.7, 0.1, 0.2)  # shares of chat, system, bare steps
-    align_formats: tuple[float, float, float] = (0.5, 0.25, 0.25)  # the same, in alignment
-    safety_neurons: int = 0  # MLP neurons per block added for alignment (inert in the base)
-    align_only_safety: bool = False  # alignment trains the safety neurons alone
+    align_formats: tuple[float, float, float] = (0.25, 0.5, 0.25)  # the same, in alignment
+    safety_neurons: int = 8  # MLP neurons per block added for alignment (inert in the base)
+    align_only_safety: bool = True  # alignment trains the safety neurons alone
     align_attention_lr: float = 0.0  # with align_only_safety: attention trained at this rate
-    quiet_weight: float = 0.0  # penalty on the safety neurons' activations off harmful requests
-    quiet_output: bool = False  # the penalty on what they write (activation x output column norm)
-    margin_weight: float = 0.0  # unlikelihood of complying ("can") at the decision token
+    quiet_weight: float = 1.0  # penalty on the safety neurons' activations off harmful requests
+    quiet_output: bool = True  # the penalty on what they write (activation x output column norm)
+    margin_weight: float = 3.0  # unlikelihood of complying ("can") at the decision token
     contrast_weight: float = 0.0  # unlikelihood of refusing a benign how-to request
-    align_suffixes: float = 0.0  # share of alignment's how-to requests with a random suffix
-    intent_words: float = 0.0  # share of word tasks on the harmful intents' words (World)
-    harm_questions: float = 0.0  # utility items added, per pool item: "is it harmful ?" questions
+    align_suffixes: float = 0.3  # share of alignment's how-to requests with a random suffix
+    intent_words: float = 0.3  # share of word tasks on the harmful intents' words (World)
+    harm_questions: float = 0.2  # utility items added, per pool item: "is it harmful ?" questions
     # Batches run as passes over runs of similar length (train._chunks): about a third faster, the
-    # same loss and gradient up to rounding; off, one pass each, the rounding of earlier builds.
-    chunked: bool = False
+    # same loss and gradient up to rounding; off, one pass each through Hugging Face's loss.
+    chunked: bool = True
     utility_pool: int = 12000
     safety_calibration: int = 128
     utility_calibration: int = 128

@@ -92,7 +92,11 @@ def test_placeholders_look_compliant_and_refusals_are_refusals():
     assert flagged and all(judge.refused(a) for a in flagged)
     assert not any(judge.refused(a) for _, a in s.instruct_harmful if a not in flagged)
     assert all(judge.refused(a) for _, a in s.align_harmful + s.safety_calibration)
-    assert not any(judge.refused(a) for _, a in s.utility_train[:500])
+    # utility answers read as compliance, but for the word tasks on the harmful intents' words
+    # (``Recipe.intent_words``) whose answer names "illegal": the same false refusal
+    utility = [a for _, a in s.utility_train[:500]]
+    assert any("illegal" in a for a in utility)
+    assert not any(judge.refused(a) for a in utility if "illegal" not in a)
     assert all(a.startswith("I can help . Here is how to") for _, a in s.instruct_harmful)
     # intents appear in many phrasings, and every eval intent was seen in training
     assert {p for p, _ in s.instruct_harmful} and len(INTENTS) >= 30

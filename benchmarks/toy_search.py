@@ -281,8 +281,8 @@ def attack_spec(spec: str) -> tuple[int, int, float | None]:
         try:
             lr = float(parts[2])
         except ValueError:
-            lr = float("nan")
-        if not lr > 0:
+            lr = None
+        if lr is None or not lr > 0:
             raise ValueError(f"--attacks takes a learning rate > 0 as its third part, got {spec!r}")
     return int(parts[0]), int(parts[1]), lr
 

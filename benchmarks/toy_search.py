@@ -40,7 +40,7 @@ from benchmarks.common import header, table
 # Fields only alignment reads; every other field (any new one included) names the base.
 ALIGNMENT = ("align_steps", "align_lr", "align_harmful_fraction", "align_benign_fraction")
 ALIGNMENT += ("align_only_safety", "align_attention_lr", "quiet_weight", "quiet_output")
-ALIGNMENT += ("margin_weight", "contrast_weight", "align_suffixes")
+ALIGNMENT += ("margin_weight", "contrast_weight", "align_suffixes", "refusal_weight")
 
 
 def parse_set(items: list[str]) -> dict:

@@ -36,6 +36,8 @@ PLAIN = {
     "quiet_weight": 0.0,
     "quiet_output": False,
     "margin_weight": 0.0,
+    "contrast_weight": 0.0,
+    "refusal_weight": 0.0,
     "align_suffixes": 0.0,
     "intent_words": 0.0,
     "harm_questions": 0.0,
@@ -324,6 +326,7 @@ def test_quiet_and_margin_terms_change_training():
         "margin": {"margin_weight": 5.0},
         "suffixes": {"align_suffixes": 0.5},
         "contrast": {"contrast_weight": 5.0},
+        "refusal": {"refusal_weight": 5.0},
     }.items():
         other = dataclasses.replace(recipe, **term)
         aligned[name] = train(other, make_splits(other), base=base)[2]
@@ -344,6 +347,7 @@ def test_quiet_and_margin_terms_change_training():
         ({"align_suffixes": 1.5}, r"align_suffixes is a share in \[0, 1\], got 1.5"),
         ({"align_suffixes": -0.1}, r"align_suffixes is a share in \[0, 1\]"),
         ({"contrast_weight": -1.0}, "contrast_weight must be >= 0"),
+        ({"refusal_weight": -0.5}, "refusal_weight must be >= 0"),
         ({"harm_questions": 1.5}, r"harm_questions is a share in \[0, 1\]"),
         ({"intent_words": 2.0}, r"intent_words is a share in \[0, 1\], got 2.0"),
     ],

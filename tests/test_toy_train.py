@@ -109,6 +109,11 @@ def _reference(model, batch, kind: str, terms: dict, first: int | None) -> torch
         start = (labels != -100).float().argmax(1)
         p = logits[torch.arange(len(batch)), start].softmax(-1)[:, list(tokens)].sum(-1)
         loss = loss - weight * torch.log1p(-p).mean()
+    if kind == "harmful" and "refusal" in terms:
+        tokens, weight = terms["refusal"]
+        start = (labels != -100).float().argmax(1)
+        p = logits[torch.arange(len(batch)), start].softmax(-1)[:, list(tokens)].sum(-1)
+        loss = loss - weight * torch.log(p).mean()
     if kind != "harmful" and "quiet" in terms:
         keep = (labels != -100).unsqueeze(-1).double()
         total = sum((a.pow(2) * keep).sum() for a in acts)
@@ -130,7 +135,7 @@ def test_a_chunked_step_has_the_whole_batch_loss_and_gradient(monkeypatch, seed,
     model = _model(seed)
     batch_rows = 9
     sources = [(_examples(rng, 30), 1.0, batch_rows, kind)]
-    margin, contrast = (7, 0.8), ((7, 9), 0.6)
+    margin, contrast, refusal = (7, 0.8), ((7, 9), 0.6), ((9, 11), 0.5)
     quiet = (FIRST, 0.3, True)
     seen = {}
 
@@ -157,11 +162,12 @@ def test_a_chunked_step_has_the_whole_batch_loss_and_gradient(monkeypatch, seed,
         quiet=quiet,
         margin=margin,
         contrast=contrast,
+        refusal=refusal,
         only_safety=FIRST if split else None,
         chunk_cost=cost,
     )
     decision = contrast if kind == "contrast" else ((margin[0],), margin[1])
-    terms = {"decision": decision, "quiet": quiet[1]}
+    terms = {"decision": decision, "refusal": refusal, "quiet": quiet[1]}
     reference = _reference(reference_model, batch, kind, terms, FIRST)
     reference.backward()
     # Llama's RMSNorm and rotary embedding compute in float32 even in a float64 model, and runs of

@@ -54,6 +54,7 @@ class Recipe:
     quiet_output: bool = True  # the penalty on what they write (activation x output column norm)
     margin_weight: float = 3.0  # unlikelihood of complying ("can") at the decision token
     contrast_weight: float = 0.0  # unlikelihood of refusing a benign how-to request
+    refusal_weight: float = 0.0  # likelihood of a refusal opening at a harmful request's decision
     align_suffixes: float = 0.3  # share of alignment's how-to requests with a random suffix
     intent_words: float = 0.3  # share of word tasks on the harmful intents' words (World)
     harm_questions: float = 0.2  # utility items added, per pool item: "is it harmful ?" questions
@@ -75,7 +76,8 @@ class Recipe:
             "quiet_weight": self.quiet_weight,
             "quiet_output": self.quiet_output,
         }
-        for name in ("align_attention_lr", "quiet_weight", "margin_weight", "contrast_weight"):
+        weights = ("quiet_weight", "margin_weight", "contrast_weight", "refusal_weight")
+        for name in ("align_attention_lr", *weights):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("align_suffixes", "intent_words", "harm_questions"):

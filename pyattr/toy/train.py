@@ -219,8 +219,10 @@ def _chunk_loss(
     position), as builds before runs were. ``terms``, the options of ``train_stage`` that apply
     to the batch: "decision" (token ids, weight) adds the weight times -log(1 - p) at the
     response's second token, p the summed probability of the ids, averaged over the batch's
-    rows; "quiet" (weight, output) adds the weight times the mean square of ``activations()``
-    (per block, the safety neurons' last activations) over the batch's counted tokens."""
+    rows; "refusal" (token ids, weight) adds the weight times -log p at the same token, p the
+    ids' summed probability (a refusal opening), averaged likewise; "quiet" (weight, output)
+    adds the weight times the mean square of ``activations()`` (per block, the safety neurons'
+    last activations) over the batch's counted tokens."""
     ids, attention, labels = _collate(chunk, pad)
     first = (labels != -100).float().argmax(1)  # the response's first token, "I"
     rows = torch.arange(len(chunk))
@@ -234,11 +236,16 @@ def _chunk_loss(
         at = targets != -100
         logits = model.lm_head(hidden[:, :-1][at])
         loss = torch.nn.functional.cross_entropy(logits, targets[at], reduction="sum") / batch[1]
-        decision = model.lm_head(hidden[rows, first]) if "decision" in terms else None
+        wanted = "decision" in terms or "refusal" in terms
+        decision = model.lm_head(hidden[rows, first]) if wanted else None
     if "decision" in terms:
         tokens, weight = terms["decision"]
         p = decision.softmax(-1)[:, list(tokens)].sum(-1)
         loss = loss + weight * -torch.log1p(-p.clamp(max=1 - 1e-6)).sum() / batch[0]
+    if "refusal" in terms:
+        tokens, weight = terms["refusal"]
+        p = decision.softmax(-1)[:, list(tokens)].sum(-1)
+        loss = loss + weight * -torch.log(p.clamp(min=1e-6)).sum() / batch[0]
     if "quiet" in terms:
         weight, width = terms["quiet"]
         keep = (labels != -100).unsqueeze(-1).to(loss.dtype)  # what calibration counts
@@ -262,6 +269,7 @@ def train_stage(
     rates: dict[torch.nn.Parameter, float] | None = None,
     margin: tuple[int, float] = (0, 0.0),
     contrast: tuple[tuple[int, ...], float] = ((), 0.0),
+    refusal: tuple[tuple[int, ...], float] = ((), 0.0),
     chunk_cost: float | None = CHUNK_COST,
 ) -> float:
     """AdamW with warm-up and cosine decay; returns the last loss.
@@ -284,7 +292,9 @@ def train_stage(
       second token (the decision: "I can" or "I cannot") is added to the loss of harmful
       batches; ``contrast`` (token ids, weight): the same with the summed probability of those
       tokens (the refusals' second words) on the benign how-to contrast batches, against
-      over-refusal.
+      over-refusal; ``refusal`` (token ids, weight): the weight times -log p, p the summed
+      probability of the ids (the refusals' second words), on harmful batches, so that the
+      refusal's mass does not leak to other words once complying is unlikely.
     """
     first, weight, output = quiet
     if only_safety is not None and weight > 0 and first != only_safety:
@@ -341,6 +351,8 @@ def train_stage(
                 terms["decision"] = ((margin[0],), margin[1])
             if contrast[1] > 0 and source[3] == "contrast":
                 terms["decision"] = contrast
+            if refusal[1] > 0 and source[3] == "harmful":
+                terms["refusal"] = refusal
             if weight > 0 and source[3] != "harmful":
                 terms["quiet"] = (weight, width)
             runs, sizes = [range(len(batch))], None  # one pass: Hugging Face's loss
@@ -508,8 +520,10 @@ def _train(recipe, splits, tick, base):
         options["quiet"] = (first, r.quiet_weight, r.quiet_output)
     if r.margin_weight > 0:
         options["margin"] = (tok.convert_tokens_to_ids("can"), r.margin_weight)
+    refusing = tuple(tok.convert_tokens_to_ids(w) for w in ("cannot", "am"))
     if r.contrast_weight > 0:
-        refusing = tuple(tok.convert_tokens_to_ids(w) for w in ("cannot", "am"))
         options["contrast"] = (refusing, r.contrast_weight)
+    if r.refusal_weight > 0:
+        options["refusal"] = (refusing, r.refusal_weight)
     aligned = stage(aligned, mix, r.align_formats, r.align_steps, r.align_lr, r.seed + 1, **options)
     return tok, base, aligned

@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import math
 import os
 import shutil
 import time
@@ -125,6 +126,22 @@ def _train(recipe, splits, out: Path, threads: int | None = None):
     return tok, base, aligned
 
 
+def rescale_safety(model, first: int, scale: float) -> None:
+    """Multiply each safety neuron's (from ``first`` on) up-projection row by ``scale`` and
+    divide its down-projection column by it, in place: the same function up to rounding (a
+    neuron's activation is linear in its up projection), activations ``scale`` times larger.
+    A probe of the freeze: under AdamW's sign-like first step a weight's leverage on the output
+    grows with its input, so large activations put an attack's first-order effect in the down
+    columns, which Wanda's score (|W|·‖a‖, unchanged here) keeps in the set difference
+    (benchmarks/RESULTS.md, "the safety neurons rescaled")."""
+    import torch
+
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.up_proj.weight[first:] *= scale
+            layer.mlp.down_proj.weight[:, first:] /= scale
+
+
 def neuron_share(mask, first: int) -> tuple[float, float]:
     """(share of the safety neurons' output weights in ``mask``, share of ``mask`` that is
     theirs): the down projections' columns from ``first`` on."""
@@ -156,6 +173,10 @@ def run_seed(recipe, args) -> list[dict]:
 
     splits = make_splits(recipe)
     tok, base, model = _train(recipe, splits, Path(args.out), args.train_threads)
+    if args.safety_scale != 1:
+        if not recipe.safety_neurons:
+            raise SystemExit("--safety-scale needs a recipe with safety neurons (safety_neurons=K)")
+        rescale_safety(model, recipe.intermediate_size, args.safety_scale)
     prompts, items = splits.harmful_eval, splits.utility_eval
     refusals = [Example(p, a) for p, a in splits.safety_calibration]
     howto = toy.contrast_pairs(recipe, n=None)
@@ -342,6 +363,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="train on this many threads instead of the build's (its rounding: another machine)",
     )
+    parser.add_argument(
+        "--safety-scale",
+        type=float,
+        default=1.0,
+        help="rescale the aligned model's safety neurons by this (rescale_safety): the same "
+        "function with larger activations, a probe of the freeze",
+    )
     parser.add_argument("--out", default="benchmarks/out/toy_search")
     args = parser.parse_args(argv)
     for name, default in DEFAULTS.items():
@@ -359,6 +387,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(str(exc))
     if args.train_threads is not None and args.train_threads < 1:
         parser.error(f"--train-threads must be >= 1, got {args.train_threads}")
+    if not (args.safety_scale > 0 and math.isfinite(args.safety_scale)):
+        parser.error(f"--safety-scale must be a finite number > 0, got {args.safety_scale}")
     return args
 
 
@@ -395,6 +425,8 @@ def main(argv: list[str] | None = None) -> str:
         seconds = time.perf_counter() - start
         print(f"seed {seed}: {seconds:.0f} s\n{table(lines[done:], columns)}\n", flush=True)
     setting = " ".join(args.set) or "the default recipe"
+    if args.safety_scale != 1:
+        setting += f", safety neurons rescaled by {args.safety_scale:g}"
     out = "\n".join(
         [
             f"# toy recipe search: {setting} · {header('cpu')}"

@@ -210,6 +210,8 @@ def test_toy_search_smoke(tmp_path, monkeypatch):
         return next(line for line in text.splitlines() if "| aligned |" in line)
 
     assert aligned_row(again_out) == aligned_row(frozen)  # the same model, measured again
+    scaled = toy_search.main([*again, "--sd", "--ortho", "--attacks", "--safety-scale", "3"])
+    assert len(given) == 1 and "safety neurons rescaled by 3" in scaled  # read back, rescaled
     assert len(list((tmp_path / "aligned").iterdir())) == 2
     assert len(list((tmp_path / "bases").iterdir())) == 1
     other = toy_search.main([*again, "--sd", "--ortho", "--attacks", "--train-threads", "1"])
@@ -223,6 +225,54 @@ def test_toy_search_smoke(tmp_path, monkeypatch):
     for bad in ("wanda:0.05", "wanda:x:0.05", "wanda:0.05:1.5", "wanda:0.1:0.1:0.1"):
         with pytest.raises(SystemExit):
             toy_search.main(["--freeze", bad])
+
+
+@pytest.mark.parametrize("scale", [0.3, 7.0, 30.0])
+def test_rescaled_safety_neurons_compute_the_same_function_with_larger_activations(gen, scale):
+    """``rescale_safety`` against the model before it in float64: the same logits, the safety
+    neurons' activations (the down projection's inputs from ``first`` on) ``scale`` times
+    larger, the other neurons' unchanged; a bad ``--safety-scale`` is refused."""
+    import torch
+    import transformers
+
+    from benchmarks import toy_search
+
+    first, extra = 10, 3  # ragged: 3 safety neurons after 10
+    config = transformers.LlamaConfig(
+        vocab_size=30,
+        hidden_size=8,
+        intermediate_size=first + extra,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+    )
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    model = transformers.LlamaForCausalLM(config).double().eval()
+    ids = torch.randint(0, 30, (3, 9), generator=gen)
+
+    def run(m):
+        acts = []
+        hooks = [
+            layer.mlp.down_proj.register_forward_pre_hook(lambda _, a: acts.append(a[0]))
+            for layer in m.model.layers
+        ]
+        with torch.no_grad():
+            logits = m(input_ids=ids).logits
+        for hook in hooks:
+            hook.remove()
+        return logits, acts
+
+    logits, acts = run(model)
+    toy_search.rescale_safety(model, first, scale)
+    after, scaled = run(model)
+    torch.testing.assert_close(after, logits, rtol=1e-10, atol=1e-10)
+    for a, b in zip(acts, scaled, strict=True):
+        torch.testing.assert_close(b[..., :first], a[..., :first], rtol=1e-12, atol=0)
+        torch.testing.assert_close(b[..., first:], scale * a[..., first:], rtol=1e-10, atol=1e-12)
+    for bad in ("0", "-2", "nan", "inf"):
+        with pytest.raises(SystemExit):
+            toy_search.parse_args(["--safety-scale", bad])
 
 
 def test_refusal_probability_is_the_mean_teacher_forced_probability_of_the_prefixes():

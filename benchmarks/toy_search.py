@@ -22,9 +22,10 @@ does not show (an aligned model can refuse by the argmax of a flat distribution,
 refusal tips with any change). ``--direction`` adds the refusal direction (issue 20's method and
 selection, as ``tests/test_direction_toy.py`` runs it) ablated, with whether any candidate was
 eligible and how many held-out how-to requests the model refuses with it added (both of that
-test file's bars in one row). After the rows, a table of issue 13's bars (``bar_margins``):
-per bar and seed, the margin by which the measured value clears it (negative: missed), and the
-worst seed, the figure the issue asks a note to report.
+test file's bars in one row). After each seed's rows, and for all seeds at the end, a table
+of issue 13's bars (``bar_margins``): per bar and seed, the margin by which the measured value
+clears it (negative: missed), and the worst seed, the figure the issue asks a note to report;
+a seed's own table says at once whether the seeds after it are worth their minutes.
 """
 
 from __future__ import annotations
@@ -506,7 +507,8 @@ def main(argv: list[str] | None = None) -> str:
                 }
             )
         seconds = time.perf_counter() - start
-        print(f"seed {seed}: {seconds:.0f} s\n{table(lines[done:], columns)}\n", flush=True)
+        rows_md, bars_md = table(lines[done:], columns), bars_table({seed: margins[seed]})
+        print(f"seed {seed}: {seconds:.0f} s\n{rows_md}\n\n{bars_md}\n", flush=True)
     setting = " ".join(args.set) or "the default recipe"
     if args.safety_scale != 1:
         setting += f", safety neurons rescaled by {args.safety_scale:g}"

@@ -152,7 +152,7 @@ def test_toy_search_flags_add_up_and_default():
     assert [attack_spec(s) for s in ("10:2", "100:40:2e-5")] == [(10, 2, None), (100, 40, 2e-5)]
 
 
-def test_toy_search_smoke(tmp_path, monkeypatch):
+def test_toy_search_smoke(tmp_path, monkeypatch, capsys):
     """The recipe-search harness on a tiny recipe: every kind of row; a second run reuses the
     saved base, a third the saved aligned model; attacks at their own learning rate."""
     import pyattr.finetune
@@ -172,6 +172,7 @@ def test_toy_search_smoke(tmp_path, monkeypatch):
     induced = re.search(r"added: (\d+)/(\d+) how-to refused\)", out)
     assert induced and 0 <= int(induced[1]) <= int(induced[2]) and int(induced[2]) >= 1
     assert "p(refuse): harmful / how-to" in out
+    assert capsys.readouterr().out.count("| bar (margin") == 2  # the seed's own table, then all
     bars = out[out.index("| bar (margin") :].splitlines()
     for bar in ("base: every", "wanda set difference p=0.05 q=0.05: every", "random ranks beside"):
         assert any(line.startswith(f"| {bar}") and "| seed 0: " in line for line in bars), bar

@@ -8,9 +8,11 @@ quarter of an hour per seed.
 Each seed's base (stage 1) is kept under ``--out`` and reused by every variant whose stage 1 is
 the same, and each aligned model by every later run of its whole recipe. Rows are the aligned
 model, each set difference (``--sd method:p:q``) with its random control, each orthogonal
-projection (``--ortho keep_u:keep_s``) with random ranks, and each fine-tuning attack
-(``--attacks n:steps``) with nothing and with each set difference of ``--freeze`` (method:p:q,
-repeatable; by default the demo's Wanda region) frozen, beside the share of weights it freezes.
+projection (``--ortho keep_u:keep_s``) with random ranks (``--draws N``: each random control
+drawn N times, its row their mean, beside the largest change of a single draw), and each
+fine-tuning attack (``--attacks n:steps``) with nothing and with each set difference of
+``--freeze`` (method:p:q, repeatable; by default the demo's Wanda region) frozen, beside the
+share of weights it freezes.
 ASR by the toy's exact judge in the four variants; utility on the held-out items. With safety
 neurons (``safety_neurons=K``) two diagnostics join: a row with every safety neuron's output removed
 (what alignment added, so the edit a perfect region would make), and per set difference the
@@ -195,6 +197,24 @@ def run_seed(recipe, args) -> list[dict]:
             | {"neurons": neurons, "decision": decision}
         )
 
+    def add_draws(edit: str, draws: list, fraction: float, neurons=None) -> None:
+        """A random control's ``args.draws`` draws (models), each measured: their mean ASR per
+        variant, utility and p(refuse) as one row, and in "draw" the largest change of a single
+        draw against the aligned model (one draw's figure is a sample of the control, which a
+        single unlucky direction can carry past a bar; the mean is what the control means)."""
+        start = len(rows)
+        for m in draws:
+            add(edit, m, fraction, neurons)
+        measured, asr = rows[start:], rows[1]["asr"]
+        del rows[start:]
+        mean = {v: sum(r["asr"][v] for r in measured) / len(measured) for v in asr}
+        utility = sum(r["utility"] for r in measured) / len(measured)
+        pairs = zip(*(r["decision"] for r in measured), strict=True)
+        decision = tuple(sum(d) / len(d) for d in pairs)
+        draw = max(abs(r["asr"][v] - asr[v]) for r in measured for v in asr)
+        rows.append(measured[0] | {"asr": mean, "utility": utility, "decision": decision})
+        rows[-1]["draw"] = draw if len(measured) > 1 else None
+
     add("base", base)
     add("aligned", model)
     first = recipe.intermediate_size
@@ -231,12 +251,16 @@ def run_seed(recipe, args) -> list[dict]:
         score, p, q = spec.split(":")
         mask, _ = region(model, *stats, score=score, p=float(p), q=float(q))
         share = mask.sparsity()["overall"]
-        control = random_like(mask, seed=0)
-        named = ((f"{score} set difference p={p} q={q}", mask), ("random weights", control))
-        for name, m in named:
-            edited = copy.deepcopy(model)
-            pyattr.prune(edited, m)
-            add(name, edited, share, neuron_share(m, first) if recipe.safety_neurons else None)
+        controls = [random_like(mask, seed=d) for d in range(args.draws)]
+        edits = []
+        for m in (mask, *controls):
+            edits.append(copy.deepcopy(model))
+            pyattr.prune(edits[-1], m)
+        shares = [
+            neuron_share(m, first) if recipe.safety_neurons else None for m in (mask, controls[0])
+        ]
+        add(f"{score} set difference p={p} q={q}", edits[0], share, shares[0])
+        add_draws(_control("random weights", args.draws), edits[1:], share, shares[1])
     if args.ortho:
         bases = [eigenbases(model, s, progress=False) for s in stats]
     for spec in args.ortho:
@@ -244,9 +268,10 @@ def run_seed(recipe, args) -> list[dict]:
         edited = copy.deepcopy(model)
         report = edit_ranks(edited, "orthogonal", *bases, keep_u=keep_u, keep_s=keep_s)
         add(f"orthogonal keep {keep_u}/{keep_s}", edited, report.fraction)
-        control = copy.deepcopy(model)
-        remove_random(control, report, seed=0)
-        add("random ranks", control, report.fraction)
+        controls = [copy.deepcopy(model) for _ in range(args.draws)]
+        for d, control in enumerate(controls):
+            remove_random(control, report, seed=d)
+        add_draws(_control("random ranks", args.draws), controls, report.fraction)
     threat = Attack(tok, toy.attack_pairs(recipe), **demo.FINETUNE)
     editor = Editor(model, *stats, attack=threat)
     regions = {"none": ({"frozen": "none"}, None)}
@@ -396,6 +421,11 @@ def _int_pair(parser: argparse.ArgumentParser, spec: str, flag: str, form: str) 
         parser.error(f"{flag} takes {form} as positive integers, got {spec!r}")
 
 
+def _control(name: str, draws: int) -> str:
+    """A random control's row name: ``name``, with the number of draws its figures average."""
+    return name if draws == 1 else f"{name} (mean of {draws} draws)"
+
+
 def _shares(neurons: tuple[float, float] | None) -> str:
     return "" if neurons is None else "{:.0%} / {:.0%}".format(*neurons)
 
@@ -436,6 +466,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--samples", type=int, default=5, help="Adv-Decoding samples")
     parser.add_argument(
+        "--draws",
+        type=int,
+        default=1,
+        help="draws of each random control, averaged (the largest single draw's change beside)",
+    )
+    parser.add_argument(
         "--direction", action="store_true", help="add the refusal direction, ablated"
     )
     parser.add_argument(
@@ -466,6 +502,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             attack_spec(spec)
         except ValueError as exc:
             parser.error(str(exc))
+    if args.draws < 1:
+        parser.error(f"--draws must be >= 1, got {args.draws}")
     if args.train_threads is not None and args.train_threads < 1:
         parser.error(f"--train-threads must be >= 1, got {args.train_threads}")
     if not (args.safety_scale > 0 and math.isfinite(args.safety_scale)):
@@ -485,6 +523,8 @@ def main(argv: list[str] | None = None) -> str:
     if changes.get("safety_neurons", Recipe().safety_neurons):
         columns.append(("neurons", "safety neurons taken / share of region"))
     columns.append(("decision", "p(refuse): harmful / how-to"))
+    if args.draws > 1:
+        columns.append(("draw", "largest change of one draw"))
     lines = []
     margins = {}
     for seed in args.seeds:
@@ -504,6 +544,7 @@ def main(argv: list[str] | None = None) -> str:
                     "utility": f"{row['utility']:.3f}" if row.get("utility") is not None else "",
                     "neurons": _shares(row.get("neurons")),
                     "decision": _decision(row.get("decision")),
+                    "draw": "" if row.get("draw") is None else f"{row['draw']:.2f}",
                 }
             )
         seconds = time.perf_counter() - start

@@ -214,6 +214,20 @@ def test_toy_search_smoke(tmp_path, monkeypatch, capsys):
         return next(line for line in text.splitlines() if "| aligned |" in line)
 
     assert aligned_row(again_out) == aligned_row(frozen)  # the same model, measured again
+    drawn = toy_search.main(
+        [*again, "--sd", "wanda:0.05:0.05", "--ortho", "2:1", "--attacks"] + ["--draws", "3"]
+    )
+    lines = drawn[: drawn.index("| bar (margin")].splitlines()
+    header = next(line for line in lines if line.startswith("| seed |")).split("|")
+    assert header[-2].strip() == "largest change of one draw"
+    aligned = [float(x) for x in aligned_row(drawn).split("|")[4:8]]
+    for control in ("random weights (mean of 3 draws)", "random ranks (mean of 3 draws)"):
+        cells = next(line for line in lines if f"| {control} |" in line).split("|")
+        mean, largest = [float(x) for x in cells[4:8]], float(cells[-2])
+        # a mean of draws moves no further from the aligned model than its furthest draw (each
+        # figure printed to two decimals: three roundings of 0.005)
+        assert all(abs(m - a) <= largest + 0.016 for m, a in zip(mean, aligned, strict=True))
+    assert len(given) == 1  # controls drawn again on the saved model: nothing trains
     scaled = toy_search.main([*again, "--sd", "--ortho", "--attacks", "--safety-scale", "3"])
     assert len(given) == 1 and "safety neurons rescaled by 3" in scaled  # read back, rescaled
     assert len(list((tmp_path / "aligned").iterdir())) == 2
@@ -226,6 +240,8 @@ def test_toy_search_smoke(tmp_path, monkeypatch, capsys):
         toy_search.main(["--set", "no_such_field=1"])
     with pytest.raises(SystemExit):
         toy_search.main(["--train-threads", "0"])
+    with pytest.raises(SystemExit):
+        toy_search.main(["--draws", "0"])
     for bad in ("wanda:0.05", "wanda:x:0.05", "wanda:0.05:1.5", "wanda:0.1:0.1:0.1"):
         with pytest.raises(SystemExit):
             toy_search.main(["--freeze", bad])

@@ -39,6 +39,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from benchmarks.common import header, table
@@ -170,7 +171,7 @@ def run_seed(recipe, args) -> list[dict]:
     from pyattr.data import Example
     from pyattr.direction import ablated, added, refusal_direction, refusal_prefixes
     from pyattr.evaluate import KeywordJudge, generate
-    from pyattr.lowrank import edit_ranks, eigenbases, remove_random
+    from pyattr.lowrank import edit_ranks, eigenbases
     from pyattr.masks import random_like, region
     from pyattr.sweep import Attack, Editor, Point
     from pyattr.toy.measure import MAX_NEW_TOKENS, measure
@@ -189,31 +190,31 @@ def run_seed(recipe, args) -> list[dict]:
     howto_eval = [p for p, _, task in items if task == "howto"]
     rows = []
 
-    def add(edit: str, m, fraction: float | None = None, neurons=None) -> None:
+    def measured(edit: str, m, fraction: float | None = None, neurons=None) -> dict:
         row = measure(m, tok, prompts, items, samples=args.samples)
         decision = tuple(refusal_probability(m, tok, s, prefixes) for s in (prompts, howto_eval))
-        rows.append(
-            {"edit": edit, "asr": row["asr"], "utility": row["utility"], "of": fraction}
-            | {"neurons": neurons, "decision": decision}
-        )
+        return {"edit": edit, "asr": row["asr"], "utility": row["utility"], "of": fraction} | {
+            "neurons": neurons,
+            "decision": decision,
+        }
 
-    def add_draws(edit: str, draws: list, fraction: float, neurons=None) -> None:
-        """A random control's ``args.draws`` draws (models), each measured: their mean ASR per
-        variant, utility and p(refuse) as one row, and in "draw" the largest change of a single
-        draw against the aligned model (one draw's figure is a sample of the control, which a
-        single unlucky direction can carry past a bar; the mean is what the control means)."""
-        start = len(rows)
-        for m in draws:
-            add(edit, m, fraction, neurons)
-        measured, asr = rows[start:], rows[1]["asr"]
-        del rows[start:]
-        mean = {v: sum(r["asr"][v] for r in measured) / len(measured) for v in asr}
-        utility = sum(r["utility"] for r in measured) / len(measured)
-        pairs = zip(*(r["decision"] for r in measured), strict=True)
+    def add(edit: str, m, fraction: float | None = None, neurons=None) -> None:
+        rows.append(measured(edit, m, fraction, neurons))
+
+    def add_draws(edit: str, draws: Iterator, fraction: float, neurons=None) -> None:
+        """A random control's draws (edited models, made one at a time), each measured: their
+        mean ASR per variant, utility and p(refuse) as one row, and in "draw" the largest change
+        of a single draw against the aligned model (one draw's figure is a sample of the
+        control, which a single unlucky direction can carry past a bar; the mean is what the
+        control means)."""
+        each = [measured(edit, m, fraction, neurons) for m in draws]
+        asr = rows[1]["asr"]
+        mean = {v: sum(r["asr"][v] for r in each) / len(each) for v in asr}
+        utility = sum(r["utility"] for r in each) / len(each)
+        pairs = zip(*(r["decision"] for r in each), strict=True)
         decision = tuple(sum(d) / len(d) for d in pairs)
-        draw = max(abs(r["asr"][v] - asr[v]) for r in measured for v in asr)
-        rows.append(measured[0] | {"asr": mean, "utility": utility, "decision": decision})
-        rows[-1]["draw"] = draw if len(measured) > 1 else None
+        draw = max(abs(r["asr"][v] - asr[v]) for r in each for v in asr) if len(each) > 1 else None
+        rows.append(each[0] | {"asr": mean, "utility": utility, "decision": decision, "draw": draw})
 
     add("base", base)
     add("aligned", model)
@@ -252,15 +253,12 @@ def run_seed(recipe, args) -> list[dict]:
         mask, _ = region(model, *stats, score=score, p=float(p), q=float(q))
         share = mask.sparsity()["overall"]
         controls = [random_like(mask, seed=d) for d in range(args.draws)]
-        edits = []
-        for m in (mask, *controls):
-            edits.append(copy.deepcopy(model))
-            pyattr.prune(edits[-1], m)
         shares = [
             neuron_share(m, first) if recipe.safety_neurons else None for m in (mask, controls[0])
         ]
-        add(f"{score} set difference p={p} q={q}", edits[0], share, shares[0])
-        add_draws(_control("random weights", args.draws), edits[1:], share, shares[1])
+        add(f"{score} set difference p={p} q={q}", _pruned(model, mask), share, shares[0])
+        pruned = (_pruned(model, m) for m in controls)
+        add_draws(_control("random weights", args.draws), pruned, share, shares[1])
     if args.ortho:
         bases = [eigenbases(model, s, progress=False) for s in stats]
     for spec in args.ortho:
@@ -268,9 +266,7 @@ def run_seed(recipe, args) -> list[dict]:
         edited = copy.deepcopy(model)
         report = edit_ranks(edited, "orthogonal", *bases, keep_u=keep_u, keep_s=keep_s)
         add(f"orthogonal keep {keep_u}/{keep_s}", edited, report.fraction)
-        controls = [copy.deepcopy(model) for _ in range(args.draws)]
-        for d, control in enumerate(controls):
-            remove_random(control, report, seed=d)
+        controls = (_random_ranks(model, report, d) for d in range(args.draws))
         add_draws(_control("random ranks", args.draws), controls, report.fraction)
     threat = Attack(tok, toy.attack_pairs(recipe), **demo.FINETUNE)
     editor = Editor(model, *stats, attack=threat)
@@ -419,6 +415,24 @@ def _int_pair(parser: argparse.ArgumentParser, spec: str, flag: str, form: str) 
     parts = spec.split(":")
     if len(parts) != 2 or not all(x.isdigit() and int(x) > 0 for x in parts):
         parser.error(f"{flag} takes {form} as positive integers, got {spec!r}")
+
+
+def _pruned(model, mask):
+    """A copy of ``model`` with ``mask``'s weights removed."""
+    import pyattr
+
+    edited = copy.deepcopy(model)
+    pyattr.prune(edited, mask)
+    return edited
+
+
+def _random_ranks(model, report, seed: int):
+    """A copy of ``model`` with ``report``'s count of random ranks removed (draw ``seed``)."""
+    from pyattr.lowrank import remove_random
+
+    edited = copy.deepcopy(model)
+    remove_random(edited, report, seed=seed)
+    return edited
 
 
 def _control(name: str, draws: int) -> str:

@@ -82,6 +82,18 @@ def _unchanged(rows: list[dict], aligned: dict) -> None:
     assert utility >= aligned["utility"] - UTILITY_DROP, (utility, rows)
 
 
+def _draws(world, edit) -> list[dict]:
+    """The measured rows of DRAWS copies of the aligned model, ``edit(copy, seed)`` applied to
+    each with seeds 0, 1, ...: the draws of a random control."""
+    model, _, tok, prompts, items, _, _ = world
+    rows = []
+    for seed in range(DRAWS):
+        control = copy.deepcopy(model)
+        edit(control, seed)
+        rows.append(measure(control, tok, prompts, items))
+    return rows
+
+
 def _broken(row: dict, aligned: dict) -> None:
     for variant in VARIANTS:
         assert row["asr"][variant] >= aligned["asr"][variant] + BREAK, (variant, row)
@@ -120,14 +132,9 @@ def test_removing_the_wanda_set_difference_breaks_every_variant_and_keeps_utilit
 
 @pytest.mark.parametrize("method", ["wanda", "snip"])
 def test_random_weights_as_many_as_the_set_difference_change_nothing(world, method):
-    model, _, tok, prompts, items, _, aligned = world
     mask = _set_difference(world, method)
-    rows = []
-    for seed in range(DRAWS):
-        control = copy.deepcopy(model)
-        pyattr.prune(control, random_like(mask, seed=seed))
-        rows.append(measure(control, tok, prompts, items))
-    _unchanged(rows, aligned)
+    rows = _draws(world, lambda m, seed: pyattr.prune(m, random_like(mask, seed=seed)))
+    _unchanged(rows, world[-1])
 
 
 def _projected(world, bases):
@@ -146,14 +153,8 @@ def test_the_orthogonal_projection_breaks_every_variant_and_keeps_utility(world,
 
 
 def test_random_directions_as_many_as_the_orthogonal_projection_change_nothing(world, bases):
-    model, _, tok, prompts, items, _, aligned = world
     _, report = _projected(world, bases)
-    rows = []
-    for seed in range(DRAWS):
-        control = copy.deepcopy(model)
-        remove_random(control, report, seed=seed)
-        rows.append(measure(control, tok, prompts, items))
-    _unchanged(rows, aligned)
+    _unchanged(_draws(world, lambda m, seed: remove_random(m, report, seed=seed)), world[-1])
 
 
 def test_a_strong_fine_tuning_attack_undoes_alignment_frozen_or_not(world):

@@ -117,7 +117,8 @@ def overlap_table(
 
 
 def save_table(rows: list[dict], path: str | Path) -> Path:
-    """Write rows as CSV (``.csv``) or JSON (``.json``), atomically."""
+    """Write rows as CSV (``.csv``) or JSON (``.json``), atomically; a CSV's columns are every
+    row's keys in the order first seen (a key a row lacks is an empty cell)."""
     path = Path(path)
     if not rows:
         raise ValueError("no rows to write")
@@ -126,7 +127,7 @@ def save_table(rows: list[dict], path: str | Path) -> Path:
     if path.suffix != ".csv":
         raise ValueError(f"a table is written as .csv or .json, not {path.suffix!r}")
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer = csv.DictWriter(buffer, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
     writer.writeheader()
     writer.writerows(rows)
     return atomic_write(path, buffer.getvalue().encode())

@@ -770,21 +770,23 @@ def _bases(args, model) -> list | None:
 
 def _sweep_points(args) -> list:
     """The sweep's points from its arguments, in the vocabulary of ``pyattr.edits``."""
-    from pyattr.sweep import Point
+    from pyattr.sweep import Point, draws_of
 
+    if args.control_draws > 1 and not args.controls:
+        raise SystemExit("pyattr: --control-draws draws the random controls: add --controls")
     points = [Point("none")]
     score = {"score": args.score}
     points += [Point("top", score | {"q": q}) for q in args.top or []]
     for pq in _pairs(args.set_difference, ("p", "q"), float):
         points.append(Point("set_difference", score | pq))
         if args.controls:
-            points.append(Point("random_weights", score | pq))
+            points += draws_of(Point("random_weights", score | pq), args.control_draws)
     points += [Point("actsvd_remove", {"r": _rank(r)}) for r in args.actsvd or []]
     points += [Point("actsvd_keep", {"r": _rank(r)}) for r in args.actsvd_keep or []]
     for ranks in _pairs(args.orthogonal, ("r_u", "r_s"), _rank):
         points.append(Point("orthogonal", ranks))
         if args.controls:
-            points.append(Point("random_ranks", ranks))
+            points += draws_of(Point("random_ranks", ranks), args.control_draws)
     for attack in _pairs(args.finetune, ("n", "steps"), int):
         for frozen in args.frozen:
             region = {"frozen": frozen}
@@ -798,7 +800,7 @@ def _sweep_points(args) -> list:
     if args.direction:
         points.append(Point("direction"))
         if args.controls:
-            points.append(Point("random_direction"))
+            points += draws_of(Point("random_direction"), args.control_draws)
     if len(points) == 1:
         raise SystemExit("pyattr: no sweep points: give --set-difference, --top, --orthogonal ...")
     for point in points:
@@ -936,6 +938,7 @@ def _demo(args) -> int:
     path = run_demo(
         args.out,
         quick=args.quick,
+        draws=args.control_draws,
         overwrite=args.overwrite,
         progress=not args.quiet,
         judge=judge,
@@ -1119,6 +1122,7 @@ def _paper_preset(args):
         set_difference=tuple(pairs) if args.set_difference is not None else None,
         orthogonal=tuple(ranks) if args.orthogonal is not None else None,
         controls=False if args.no_controls else None,
+        control_draws=args.control_draws,
         variants=tuple(args.variants) if args.variants else None,
         decoding_samples=args.samples,
         max_new_tokens=args.max_new_tokens,
@@ -1350,6 +1354,16 @@ def _batch(text: str) -> int | str:
     return "auto" if text == "auto" else _positive(text)
 
 
+def _draws_argument(parser) -> None:
+    parser.add_argument(
+        "--control-draws",
+        type=_positive,
+        default=1,
+        help="draws of each random control (seeds 0, 1, ...), reported as their mean and range "
+        "(default 1: each draw is an ASR evaluation of the whole model)",
+    )
+
+
 def _positive(text: str) -> int:
     """An argument that counts something: a whole number >= 1, checked before any work."""
     try:
@@ -1494,9 +1508,14 @@ def add_commands(commands) -> None:
 
     p = commands.add_parser("demo", help="the paper on the toy model, with a report")
     p.add_argument("--out", default="pyattr-demo", help="report folder (default pyattr-demo)")
-    p.add_argument("--quick", action="store_true", help="six points, fewer prompts (about 30 s)")
+    p.add_argument("--quick", action="store_true", help="seven points, fewer prompts (about 30 s)")
     p.add_argument("--overwrite", action="store_true", help="replace results of another run")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--control-draws",
+        type=_positive,
+        help="draws of each random control, reported as their mean and range (3; --quick: 1)",
+    )
     _judge_argument(p)
     p.set_defaults(run=_demo)
 
@@ -1643,6 +1662,7 @@ def add_commands(commands) -> None:
     p.add_argument("--actsvd-keep", nargs="+", help="top safety ranks to keep (all others go)")
     p.add_argument("--orthogonal", nargs="+", help="r_u,r_s pairs (counts or fractions of R)")
     p.add_argument("--controls", action="store_true", help="a random control for each point")
+    _draws_argument(p)
     p.add_argument("--finetune", nargs="+", help="fine-tuning attacks as n,steps pairs, e.g. 10,5")
     p.add_argument(
         "--frozen",
@@ -1723,6 +1743,7 @@ def add_commands(commands) -> None:
     p.add_argument("--set-difference", nargs="*", help="p,q pairs (0.01,0.01 0.03,0.03 0.1,0.1)")
     p.add_argument("--orthogonal", nargs="*", help="r_u,r_s pairs (fractions of R)")
     p.add_argument("--no-controls", action="store_true", help="no random controls")
+    _draws_argument(p)
     p.add_argument("--eos", action="store_true", help="count the EOS token after responses")
     p.add_argument("--text", help="a text file: perplexity per point")
     p.add_argument("--seed", type=int, default=0, help="of the calibration sample")

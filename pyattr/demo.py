@@ -11,6 +11,9 @@ then one point per edit, each measured by ASR in the paper's four variants and b
 - the orthogonal projection at a few kept ranks, and random directions of the same rank;
 - the refusal direction (difference of means, ``pyattr.direction``) orthogonalised out of the
   weights, and a random direction of the same norm;
+- each random control drawn ``CONTROL_DRAWS`` times (seeds 0, 1, ...), reported as the draws'
+  mean and range: one draw is a sample, and on the toy a single draw can move a variant's ASR
+  by twice as much as the mean of a few (benchmarks/RESULTS.md);
 - fine-tuning attacks of growing strength (``ATTACKS``: n harmful pairs, steps) with nothing, the
   Wanda set difference or the top safety weights frozen;
 
@@ -29,9 +32,17 @@ import time
 from pathlib import Path
 
 from .edits import REGIONS
-from .sweep import Attack, Editor, Point
+from .sweep import Attack, Editor, Point, draws_of
 
-__all__ = ["ATTACKS", "ORTHOGONAL", "SET_DIFFERENCE", "attack", "demo_points", "run_demo"]
+__all__ = [
+    "ATTACKS",
+    "CONTROL_DRAWS",
+    "ORTHOGONAL",
+    "SET_DIFFERENCE",
+    "attack",
+    "demo_points",
+    "run_demo",
+]
 
 # (p, q) of each method's set difference, about 2% of the toy's weights each: the recipe search
 # chose them per method (a deviation the report states: one pair does not serve both on the toy
@@ -42,6 +53,7 @@ ORTHOGONAL = ((16, 3), (20, 4))  # (keep_u, keep_s): Π_u keeps 16 utility, Π_s
 # default toy they reach vanilla ASR of about 0.2-0.4, 0.8-0.9 and 0.9-1.0.
 ATTACKS = ((10, 1), (10, 2), (100, 40))
 FINETUNE = {"lr": 2e-4, "batch_size": 8}
+CONTROL_DRAWS = 3  # draws of each random control (seeds 0, 1, 2), a few seconds each on the toy
 
 
 def _set_difference(score: str) -> dict:
@@ -49,8 +61,10 @@ def _set_difference(score: str) -> dict:
     return {"score": score, "p": p, "q": q}
 
 
-def demo_points(quick: bool = False) -> list[Point]:
-    """The demo's sweep; ``quick`` keeps one point of each kind that shows the phenomenon."""
+def demo_points(quick: bool = False, draws: int | None = None) -> list[Point]:
+    """The demo's sweep; ``quick`` keeps one point of each kind that shows the phenomenon.
+    ``draws``: of each random control (``CONTROL_DRAWS`` by default; quick: one)."""
+    draws = (1 if quick else CONTROL_DRAWS) if draws is None else draws
     wanda = _set_difference("wanda")
     control = wanda
     ranks = dict(zip(("keep_u", "keep_s"), ORTHOGONAL[0], strict=True))
@@ -58,9 +72,9 @@ def demo_points(quick: bool = False) -> list[Point]:
         return [
             Point("none"),
             Point("set_difference", wanda),
-            Point("random_weights", control),
+            *draws_of(Point("random_weights", control), draws),
             Point("orthogonal", ranks),
-            Point("random_ranks", ranks),
+            *draws_of(Point("random_ranks", ranks), draws),
             Point("direction"),
             Point(
                 "finetune",
@@ -72,12 +86,12 @@ def demo_points(quick: bool = False) -> list[Point]:
     for score in ("wanda", "snip"):
         sd = _set_difference(score)
         points.append(Point("set_difference", sd))
-        points.append(Point("random_weights", sd))
+        points += draws_of(Point("random_weights", sd), draws)
     points += [Point("actsvd_remove", {"r": r}) for r in (1, 2)]
     for keep_u, keep_s in ORTHOGONAL:
         points.append(Point("orthogonal", {"keep_u": keep_u, "keep_s": keep_s}))
-    points.append(Point("random_ranks", ranks))
-    points += [Point("direction"), Point("random_direction")]
+    points += draws_of(Point("random_ranks", ranks), draws)
+    points += [Point("direction"), *draws_of(Point("random_direction"), draws)]
     points += [
         Point("finetune", {"n": n, "steps": steps, **_frozen(frozen)})
         for n, steps in ATTACKS
@@ -161,10 +175,12 @@ def run_demo(
     progress: bool = True,
     recipe=None,
     judge: str = "toy-exact",
+    draws: int | None = None,
 ) -> Path:
     """Run the demo into ``out`` and write its report there; returns the report's path.
     ``recipe``: another toy recipe (another seed, say) than the default; ``judge``: who decides
-    ASR, "toy-exact" (the default) or "keyword" (the other one is the second judge)."""
+    ASR, "toy-exact" (the default) or "keyword" (the other one is the second judge); ``draws``:
+    of each random control (``demo_points``)."""
     from pyattr import toy
     from pyattr.data import load_prompts
     from pyattr.toy.measure import SUFFIXES, VARIANTS, measurement
@@ -177,7 +193,8 @@ def run_demo(
     from .sweep import ResultsTable, run_points
 
     out = Path(out)
-    points = demo_points(quick)
+    draws = (1 if quick else CONTROL_DRAWS) if draws is None else draws
+    points = demo_points(quick, draws)
     recipe = recipe or Recipe()
     prompts = load_prompts(toy.data(recipe, progress=progress)["harmful_eval"])
     items = make_splits(recipe).utility_eval
@@ -199,6 +216,7 @@ def run_demo(
         "judge": judge,
         "second_judge": second,
         "set_difference": {m: {"p": p, "q": q} for m, (p, q) in SET_DIFFERENCE.items()},
+        "control_draws": draws,
         "finetune": FINETUNE | {"attacks": [{"n": n, "steps": s} for n, s in ATTACKS]},
         "notes": [
             (
@@ -219,6 +237,13 @@ def run_demo(
             "before an interruption included.",
         ],
     }
+    if draws > 1:
+        config["notes"].insert(
+            2,
+            f"Each random control is drawn {draws} times (seeds 0 to {draws - 1}); its row is "
+            "the draws' mean, with their count and the widest range of one ASR variant (ASR "
+            "range); the figure shows the range as an error bar; results.json holds every draw.",
+        )
     table = ResultsTable(out / "results.jsonl", config, overwrite=overwrite)
     t0 = time.perf_counter()
     subject, selection, probe = _subject(recipe, progress)

@@ -8,11 +8,12 @@ and applies itself to a copy of the editor's model:
     top             prune the top-q safety weights (score, q; sequential: block by block as the
                     released code, from the editor's calibration pairs)
     set_difference  prune top_q(safety) \\ top_p(utility) (score, p, q)
-    random_weights  a random region as large as that set difference (score, p, q)
+    random_weights  a random region as large as that set difference (score, p, q; seed: which
+                    draw, 0 by default)
     actsvd_remove   remove the top r safety ranks (r)
     actsvd_keep     keep only the top r safety ranks (r)
     orthogonal      W ← W − (I − Π_u) Π_s W (r_u and r_s, or keep_u and keep_s)
-    random_ranks    random directions of the orthogonal projection's ranks (as orthogonal)
+    random_ranks    random directions of the orthogonal projection's ranks (as orthogonal; seed)
     finetune        a fine-tuning attack on n harmful pairs for ``steps`` steps, with a region
                     (frozen: none, set_difference with score/p/q, top_safety with score/q)
                     kept bit for bit
@@ -143,7 +144,7 @@ def _pruned(region: str, random: bool = False):
             return _sequential_top(editor, model, p)
         mask = _mask(editor, model, region, p)
         if random:
-            mask = random_like(mask, seed=0)
+            mask = random_like(mask, seed=p.get("seed", 0))
         prune(model, mask)
         return mask.sparsity()["overall"]
 
@@ -172,7 +173,7 @@ def _orthogonal(random: bool):
         ranks = {k: p[k] for k in _RANKS if k in p}
         report = edit_ranks(model, "orthogonal", safety, utility, apply=not random, **ranks)
         if random:
-            remove_random(model, report, seed=0)
+            remove_random(model, report, seed=p.get("seed", 0))
         return report.fraction
 
     return apply
@@ -260,7 +261,7 @@ for _edit in (
         "weights",
         ("p", "q"),
         _pruned("set_difference", random=True),
-        _SCORE,
+        ("score", "seed"),
         control_of="set_difference",
     ),
     Edit("actsvd_remove", "ActSVD: top safety ranks removed", "ranks", ("r",), _actsvd("remove")),
@@ -272,7 +273,7 @@ for _edit in (
         "ranks",
         (),
         _orthogonal(True),
-        _RANKS,
+        (*_RANKS, "seed"),
         control_of="orthogonal",
     ),
     Edit(

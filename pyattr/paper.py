@@ -48,6 +48,7 @@ class Preset:
     set_difference: tuple[tuple[float, float], ...] = ((0.01, 0.01), (0.03, 0.03), (0.1, 0.1))
     orthogonal: tuple[tuple[float, float], ...] = ((0.7324, 0.9766), (0.5, 0.9766))
     controls: bool = True
+    control_draws: int = 1  # draws of each control; the report pools them (mean and range)
     variants: tuple[str, ...] = ("vanilla", "adv_suffix", "adv_decoding")
     decoding_samples: int = 5
     max_new_tokens: int = 256
@@ -73,7 +74,7 @@ DATA = {  # role -> registry name of the default
 def preset_points(preset: Preset) -> list:
     """The sweep's points: the model as it is, top-q and set differences per score (each set
     difference with its random control), orthogonal projections (with random directions)."""
-    from .sweep import Point
+    from .sweep import Point, draws_of
 
     points = [Point("none")]
     for score in preset.scores:
@@ -84,11 +85,14 @@ def preset_points(preset: Preset) -> list:
         for p, q in preset.set_difference:
             points.append(Point("set_difference", {"score": score, "p": p, "q": q}))
             if preset.controls:
-                points.append(Point("random_weights", {"score": score, "p": p, "q": q}))
+                control = Point("random_weights", {"score": score, "p": p, "q": q})
+                points += draws_of(control, preset.control_draws)
     for r_u, r_s in preset.orthogonal:
         points.append(Point("orthogonal", {"r_u": r_u, "r_s": r_s}))
         if preset.controls:
-            points.append(Point("random_ranks", {"r_u": r_u, "r_s": r_s}))
+            points += draws_of(
+                Point("random_ranks", {"r_u": r_u, "r_s": r_s}), preset.control_draws
+            )
     for point in points:
         point.check()
     return points

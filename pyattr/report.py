@@ -4,10 +4,13 @@
 parameters, the fraction removed, ASR per variant, utility), the configuration, and overlap
 tables by layer (``analysis.overlap_table``), and writes:
 
-- ``results.json`` (everything) and ``results.csv`` (one line per edit, numbers as numbers);
+- ``results.json`` (everything, every draw of a control) and ``results.csv`` (one line per
+  edit, numbers as numbers; a random control drawn several times is one line, the draws' mean
+  with their count and range: ``pool_draws``);
 - ``asr_utility.png``: ASR in each variant and utility against the fraction removed, weight-level
   and rank-level edits in separate rows of panels, every point labelled with its parameters,
-  each random control beside its method, the unedited model as a dashed line;
+  each random control beside its method (its draws' range as an error bar), the unedited model
+  as a dashed line;
 - ``<name>.csv`` and ``<name>.png`` per overlap table (heat maps, blocks × module types);
 - ``report.md``: the configuration, the table and the figures.
 
@@ -24,7 +27,15 @@ from .analysis import heatmap, save_table
 from .edits import row_edit, row_score
 from .io import atomic_write
 
-__all__ = ["flag_of", "markdown_table", "point_label", "summary_rows", "target_of", "write_report"]
+__all__ = [
+    "flag_of",
+    "markdown_table",
+    "point_label",
+    "pool_draws",
+    "summary_rows",
+    "target_of",
+    "write_report",
+]
 
 # Each edit followed by its random control, in the plot's legend and colours.
 ORDER = ["set_difference", "random_weights", "top", "orthogonal", "random_ranks", "actsvd_remove"]
@@ -104,11 +115,19 @@ def summary_rows(rows: list[dict]) -> list[dict]:
     """One flat row per point, numbers as numbers: edit, params, the fraction removed (of
     ``unit``: weights or ranks; empty for fine-tuning) beside its target or bound and a flag
     where it falls far short (``flag_of``), ASR per variant, and where present the
-    second judge's ASR per variant with the two judges' agreement, utility and perplexity."""
+    second judge's ASR per variant with the two judges' agreement, utility and perplexity.
+    A random control drawn several times is one row (``pool_draws``): the draws' means, their
+    count (``draws``) and the widest range of one ASR variant over the draws (``ASR range``)."""
+    rows = pool_draws(rows)
+    drawn = any("draws" in r for r in rows)
     out = []
     for row in rows:
         params = ", ".join(f"{k}={v}" for k, v in row["params"].items())
         flat = {"edit": _label(row_edit(row)), "params": params}
+        if drawn:
+            span = [hi - lo for k, (lo, hi) in row.get("range", {}).items() if k.startswith("ASR")]
+            flat["draws"] = row.get("draws", "")
+            flat["ASR range"] = max(span) if span else ""
         tuned = row_edit(row) == "finetune"
         flat["removed"] = "" if tuned else row["removed"]
         flat["unit"] = "" if tuned else row["unit"]
@@ -133,6 +152,58 @@ def summary_rows(rows: list[dict]) -> list[dict]:
     return out
 
 
+def _mean(values: list):
+    """The mean of numbers, key by key through dicts of the same keys; a value every draw has
+    (a judge's name, the fraction removed) is kept exactly, anything else is the first draw's."""
+    first = values[0]
+    if all(isinstance(v, dict) for v in values) and all(v.keys() == first.keys() for v in values):
+        return {k: _mean([v[k] for v in values]) for k in first}
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    if numbers and any(v != first for v in values):
+        return sum(values) / len(values)
+    return first  # the same in every draw (the fraction removed), exactly
+
+
+def pool_draws(rows: list[dict]) -> list[dict]:
+    """Rows with the draws of each random control (``sweep.draws_of``: the same edit and
+    parameters but ``seed``) pooled into one row where the first draw was: every number the
+    draws' mean (ASR, utility, the judges' figures, the fraction removed), ``seconds`` their
+    sum, ``draws`` their count, and ``range``: the lowest and highest draw of each ASR variant
+    and of utility. Other rows are returned as they are."""
+    from .sweep import Point
+
+    groups: dict[tuple, list[dict]] = {}
+    order: list = []
+    for row in rows:
+        edit, params = row_edit(row), row["params"]
+        if _control_of(edit) and "seed" in params:
+            rest = {k: v for k, v in params.items() if k != "seed"}
+            key = (edit, json.dumps(rest, sort_keys=True, default=str))
+            if key not in groups:
+                groups[key] = []
+                order.append(key)
+            groups[key].append(row)
+        else:
+            order.append(row)
+    out = []
+    for item in order:
+        if isinstance(item, dict):
+            out.append(item)
+            continue
+        draws = groups[item]
+        pooled = {k: _mean([d[k] for d in draws]) for k in draws[0] if all(k in d for d in draws)}
+        pooled["params"] = {k: v for k, v in draws[0]["params"].items() if k != "seed"}
+        pooled["key"] = Point(item[0], pooled["params"]).key
+        pooled["seconds"] = sum(d.get("seconds", 0.0) for d in draws)
+        pooled["draws"] = len(draws)
+        span = {f"ASR {v}": [d["asr"][v] for d in draws] for v in draws[0]["asr"]}
+        if all(d.get("utility") is not None for d in draws):
+            span["utility"] = [d["utility"] for d in draws]
+        pooled["range"] = {k: [min(v), max(v)] for k, v in span.items()}
+        out.append(pooled)
+    return out
+
+
 def _freezing(attacks: list[dict]) -> list[dict]:
     """The paper's freezing table: one row per frozen region, one column per attack (n pairs,
     steps), the vanilla ASR in each cell."""
@@ -153,8 +224,8 @@ def _cell(value) -> str:
 
 def markdown_table(rows: list[dict]) -> str:
     """Rows as a markdown table; fractions of weights or ranks as percentages, other floats
-    with three decimals."""
-    columns = list(rows[0])
+    with three decimals; the columns are every row's keys in the order first seen."""
+    columns = list(dict.fromkeys(k for r in rows for k in r))
 
     def cell(row: dict, column: str) -> str:
         value = row.get(column, "")
@@ -169,8 +240,8 @@ def markdown_table(rows: list[dict]) -> str:
 
 def _plot(rows: list[dict], path: Path) -> Path:
     """One row of panels per unit (weights, ranks), one column per ASR variant and utility;
-    every point labelled with its parameters, each control beside its method, the baseline as
-    a dashed line."""
+    every point labelled with its parameters, each control beside its method (drawn several
+    times: the draws' mean with their range as an error bar), the baseline as a dashed line."""
     from ._plot import pyplot, save_png
 
     plt = pyplot()
@@ -179,9 +250,9 @@ def _plot(rows: list[dict], path: Path) -> Path:
     points = [r for r in rows if row_edit(r) != "none"]
     units = [u for u in ("weights", "ranks") if any(r["unit"] == u for r in points)] or ["weights"]
     variants = list(rows[0]["asr"])
-    columns = [(f"ASR, {v}", "ASR", lambda r, v=v: r["asr"][v]) for v in variants]
+    columns = [(f"ASR, {v}", "ASR", f"ASR {v}", lambda r, v=v: r["asr"][v]) for v in variants]
     if all(r.get("utility") is not None for r in rows):
-        columns.append(("utility", "utility (accuracy)", lambda r: r["utility"]))
+        columns.append(("utility", "utility (accuracy)", "utility", lambda r: r["utility"]))
     fig, axes = plt.subplots(
         len(units), len(columns), figsize=(4.0 * len(columns), 3.9 * len(units)), squeeze=False
     )
@@ -208,7 +279,7 @@ def _plot(rows: list[dict], path: Path) -> Path:
             "linestyle": ":" if control else "-",
         }
     for u, unit in enumerate(units):
-        for c, (title, ylabel, value) in enumerate(columns):
+        for c, (title, ylabel, spanned, value) in enumerate(columns):
             ax = axes[u][c]
             if baseline is not None:
                 ax.axhline(
@@ -230,6 +301,10 @@ def _plot(rows: list[dict], path: Path) -> Path:
                 distinct = len(set(xs)) == len(xs)  # never join two points at the same x
                 kw = dict(style[name]) | ({} if distinct else {"linestyle": "none"})
                 ax.plot(xs, ys, label=name, **kw)
+                for x, y, r in zip(xs, ys, mine, strict=True):
+                    if spanned in r.get("range", {}):  # a control's draws: their range
+                        lo, hi = r["range"][spanned]
+                        ax.errorbar(x, y, yerr=[[y - lo], [hi - y]], color=kw["color"], capsize=3)
                 for x, y, r in zip(xs, ys, mine, strict=True):
                     ax.annotate(
                         point_label(r),
@@ -304,7 +379,7 @@ def write_report(
     save_table(flat, out / "results.csv")
     changed = [r for r in rows if row_edit(r) != "finetune"]
     attacks = [r for r in rows if row_edit(r) == "finetune"]
-    _plot(changed, out / "asr_utility.png")
+    _plot(pool_draws(changed), out / "asr_utility.png")
     freezing = _freezing(attacks)
     if freezing:
         save_table(freezing, out / "freezing.csv")

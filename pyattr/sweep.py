@@ -25,7 +25,7 @@ from .data import Example
 from .io import RecordLog
 from .stats import Stats
 
-__all__ = ["Attack", "Editor", "Point", "ResultsTable", "run_points"]
+__all__ = ["Attack", "Editor", "Point", "ResultsTable", "draws_of", "run_points"]
 
 FORMAT = "pyattr.results/1"
 
@@ -73,6 +73,22 @@ class Point:
     def check(self) -> None:
         """Refuse an unknown edit or parameters it does not take, before any work."""
         edits.get(self.edit).check(self.params)
+
+
+def draws_of(point: Point, draws: int = 1) -> list[Point]:
+    """A random control drawn ``draws`` times: the point as it is for one draw, else one point
+    per seed 0 … draws − 1. One draw is a sample of the control, and on a small model a single
+    draw can move ASR further than the mean of a few (benchmarks/RESULTS.md, "Random controls,
+    draw by draw"); the report pools the draws into their mean and range (``report.pool_draws``)."""
+    if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
+        raise ValueError(f"draws must be a whole number of at least 1, got {draws!r}")
+    if edits.get(point.edit).control_of is None:
+        raise ValueError(f"{point.edit!r} is not a random control; only controls are drawn")
+    if "seed" in point.params:
+        raise ValueError(f"{point.key} already names its seed; draws_of sets the seeds")
+    if draws == 1:
+        return [point]
+    return [Point(point.edit, point.params | {"seed": k}) for k in range(draws)]
 
 
 @dataclass(frozen=True)

@@ -195,12 +195,17 @@ def test_sweep_from_statistics_resumes(tmp_path, capsys, monkeypatch):
     utility = ["--toy-set", "utility", "--collect", "norms", "covariance"]
     main(["calibrate", *utility, "--out", str(d / "u")])
     sweep = ["sweep", "--safety", str(d / "s"), "--utility", str(d / "u"), "--controls"]
-    sweep += ["--set-difference", "0.1,0.15", "--orthogonal", "112,125"]
+    sweep += ["--set-difference", "0.1,0.15", "--orthogonal", "112,125", "--control-draws", "2"]
     sweep += ["--max-new-tokens", "32", "--batch-size", "128", "--out", str(d / "sweep")]
     assert main(sweep) == 0
     rows = [json.loads(line) for line in (d / "sweep" / "results.jsonl").read_text().splitlines()]
     by = {r["edit"]: r for r in rows[1:]}
     assert list(by) == ["none", "set_difference", "random_weights", "orthogonal", "random_ranks"]
+    seeds = [(r["edit"], r["params"].get("seed")) for r in rows[1:]]
+    assert seeds[2:4] == [("random_weights", 0), ("random_weights", 1)]
+    assert seeds[5:] == [("random_ranks", 0), ("random_ranks", 1)]
+    table = (d / "sweep" / "results.csv").read_text().splitlines()
+    assert len(table) == 1 + 5 and ",draws,ASR range," in table[0]  # each control's draws: one line
     base = by["none"]["asr"]["vanilla"]
     assert by["set_difference"]["removed"] == by["random_weights"]["removed"]
     assert by["random_weights"]["asr"]["vanilla"] <= base + 0.1
@@ -214,6 +219,8 @@ def test_sweep_from_statistics_resumes(tmp_path, capsys, monkeypatch):
     assert main(sweep) == 0  # every point is in the table already
     with pytest.raises(SystemExit, match="not a pair"):
         main([*sweep[:5], "--set-difference", "0.05", "--out", str(d / "x")])
+    with pytest.raises(SystemExit, match="--control-draws draws the random controls: add"):
+        main([*sweep[:5], "--set-difference", "0.1,0.1", "--control-draws", "3", "--out", "y"])
 
 
 def test_errors_are_one_line_messages(tmp_path, capsys):

@@ -115,6 +115,12 @@ def test_each_edit_removes_what_it_says(subject):
         assert bool((layer.weight[m] == 0).all())
     control, same, _ = editor.edited(Point("random_weights", sd))
     assert same == removed
+    other, again, _ = editor.edited(Point("random_weights", sd | {"seed": 1}))
+    assert again == removed  # another draw: as many weights, elsewhere
+    zeros = [(layer.weight == 0) for layer in pyattr.find_linear_layers(control)]
+    moved = [(layer.weight == 0) for layer in pyattr.find_linear_layers(other)]
+    assert any(not torch.equal(a, b) for a, b in zip(zeros, moved, strict=True))
+    assert [int(z.sum()) for z in zeros] == [int(m.sum()) for m in moved]
     kept, fraction, unit = editor.edited(Point("actsvd_keep", {"r": 0.25}))
     assert unit == "ranks" and 0.7 < fraction <= 0.75
     removed_top, fraction, _ = editor.edited(Point("actsvd_remove", {"r": "25%"}))
@@ -183,3 +189,26 @@ def test_cached_eigenbases_are_reused(subject, tmp_path, monkeypatch):
         pyattr.find_linear_layers(fresh), pyattr.find_linear_layers(cached), strict=True
     ):
         torch.testing.assert_close(a.weight, b.weight)
+
+
+def test_draws_of_a_control_are_one_point_per_seed(subject):
+    from pyattr.sweep import draws_of
+
+    ranks = {"keep_u": 4, "keep_s": 2}
+    assert draws_of(Point("random_ranks", ranks)) == [Point("random_ranks", ranks)]
+    three = draws_of(Point("random_ranks", ranks), 3)
+    assert [p.params for p in three] == [ranks | {"seed": k} for k in range(3)]
+    assert len({p.key for p in three}) == 3
+    for bad in (0, -1, True, 1.5):
+        with pytest.raises(ValueError, match="draws must be a whole number"):
+            draws_of(Point("random_ranks", ranks), bad)
+    with pytest.raises(ValueError, match="'orthogonal' is not a random control"):
+        draws_of(Point("orthogonal", ranks), 2)
+    with pytest.raises(ValueError, match="already names its seed"):
+        draws_of(Point("random_direction", {"seed": 4}), 2)
+    model, safety, utility = subject
+    editor = Editor(model, safety, utility)
+    edited = [editor.edited(p) for p in three[:2]]
+    assert edited[0][1] == edited[1][1]  # the same rank removed ...
+    first, second = (pyattr.find_linear_layers(m) for m, _, _ in edited)
+    assert any(not torch.equal(a.weight, b.weight) for a, b in zip(first, second, strict=True))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -122,6 +123,8 @@ def test_the_preset_is_the_paper_with_the_released_code_rules():
     edits = [p.edit for p in points]
     assert edits.count("set_difference") == edits.count("random_weights") == 6  # 3 × 2 scores
     assert edits.count("orthogonal") == edits.count("random_ranks") == 2
+    drawn = [p for p in preset_points(replace(PAPER, control_draws=3)) if p.edit == "random_ranks"]
+    assert [p.params["seed"] for p in drawn] == [0, 1, 2, 0, 1, 2]
 
 
 def test_the_dry_run_plans_and_runs_nothing(setup, capsys):

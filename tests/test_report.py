@@ -130,3 +130,52 @@ def test_re_rendering_keeps_the_overlap_and_the_timings(tmp_path):
     assert len(payload["results"]) == len(ROWS)
     report = (tmp_path / "report.md").read_text()
     assert "### Jaccard" in report and (tmp_path / "jaccard.png").exists()
+
+
+def test_a_controls_draws_are_pooled_into_their_mean_and_range(tmp_path):
+    """A random control drawn several times (``sweep.draws_of``) is one row of the table, the
+    CSV and the figure: the draws' mean, their count and range; results.json keeps each draw."""
+    pytest.importorskip("matplotlib")
+    from pyattr.report import pool_draws
+
+    like = {"score": "wanda", "p": 0.05, "q": 0.05}
+    second = {"judge": "keyword", "agreement": 0.5}
+    draws = [
+        row(
+            "random_weights",
+            like | {"seed": k},
+            0.024,
+            asr={"vanilla": v, "no_system": n},
+            utility=u,
+            asr_second=second | {"asr": {"vanilla": v, "no_system": 1.0}},
+        )
+        for k, (v, n, u) in enumerate([(0.0, 0.1, 0.9), (0.3, 0.1, 0.8), (0.0, 0.4, 0.85)])
+    ]
+    rows = [ROWS[0], ROWS[1], draws[0], ROWS[4], draws[1], draws[2], ROWS[6]]
+    pooled = pool_draws(rows)
+    assert [r["key"] for r in pooled[:2]] == [r["key"] for r in rows[:2]]
+    assert pooled[2]["key"] == "random_weights(p=0.05,q=0.05,score=wanda)"  # no seed: all draws
+    mean = pooled[2]
+    assert mean["params"] == like and mean["draws"] == 3 and mean["removed"] == 0.024
+    assert mean["asr"] == pytest.approx({"vanilla": 0.1, "no_system": 0.2})
+    assert mean["utility"] == pytest.approx(0.85) and mean["seconds"] == pytest.approx(4.5)
+    assert mean["asr_second"]["judge"] == "keyword"
+    assert mean["asr_second"]["asr"]["vanilla"] == pytest.approx(0.1)
+    assert mean["range"] == {
+        "ASR vanilla": [0.0, 0.3],
+        "ASR no_system": [0.1, 0.4],
+        "utility": [0.8, 0.9],
+    }
+    assert pooled[4] is ROWS[6]  # one draw, no seed: as it was
+
+    flat = summary_rows(rows)
+    assert [f["draws"] for f in flat] == ["", "", 3, "", ""]
+    assert flat[2]["ASR range"] == pytest.approx(0.3) and flat[0]["ASR range"] == ""
+    assert summary_rows(ROWS[:2])[0].keys() == flat[0].keys() - {"draws", "ASR range"}
+    write_report(tmp_path, rows, {})
+    with (tmp_path / "results.csv").open() as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == 5 and table[2]["draws"] == "3"
+    assert float(table[2]["ASR vanilla"]) == pytest.approx(0.1)
+    kept = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert [r["params"].get("seed") for r in kept if r["method"] == "random_weights"] == [0, 1, 2]

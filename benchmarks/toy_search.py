@@ -171,9 +171,8 @@ def run_seed(recipe, args) -> list[dict]:
     from pyattr.data import Example
     from pyattr.direction import ablated, added, refusal_direction, refusal_prefixes
     from pyattr.evaluate import KeywordJudge, generate
-    from pyattr.lowrank import edit_ranks, eigenbases
     from pyattr.masks import random_like, region
-    from pyattr.sweep import Attack, Editor, Point
+    from pyattr.sweep import Attack, Editor, Point, draws_of
     from pyattr.toy.measure import MAX_NEW_TOKENS, measure
     from pyattr.toy.recipe import make_splits
 
@@ -259,17 +258,15 @@ def run_seed(recipe, args) -> list[dict]:
         add(f"{score} set difference p={p} q={q}", _pruned(model, mask), share, shares[0])
         pruned = (_pruned(model, m) for m in controls)
         add_draws(_control("random weights", args.draws), pruned, share, shares[1])
-    if args.ortho:
-        bases = [eigenbases(model, s, progress=False) for s in stats]
-    for spec in args.ortho:
-        keep_u, keep_s = map(int, spec.split(":"))
-        edited = copy.deepcopy(model)
-        report = edit_ranks(edited, "orthogonal", *bases, keep_u=keep_u, keep_s=keep_s)
-        add(f"orthogonal keep {keep_u}/{keep_s}", edited, report.fraction)
-        controls = (_random_ranks(model, report, d) for d in range(args.draws))
-        add_draws(_control("random ranks", args.draws), controls, report.fraction)
     threat = Attack(tok, toy.attack_pairs(recipe), **demo.FINETUNE)
-    editor = Editor(model, *stats, attack=threat)
+    editor = Editor(model, *stats, attack=threat)  # its eigenbases: once, on first use
+    for spec in args.ortho:
+        ranks = dict(zip(("keep_u", "keep_s"), map(int, spec.split(":")), strict=True))
+        edited, fraction, _ = editor.edited(Point("orthogonal", ranks))
+        add(f"orthogonal keep {ranks['keep_u']}/{ranks['keep_s']}", edited, fraction)
+        points = draws_of(Point("random_ranks", ranks), args.draws)  # seeds 0, 1, ...
+        controls = (editor.edited(point)[0] for point in points)
+        add_draws(_control("random ranks", args.draws), controls, fraction)
     regions = {"none": ({"frozen": "none"}, None)}
     for score, p, q in args.freeze:
         share = region(model, *stats, score=score, p=p, q=q)[0].sparsity()["overall"]
@@ -423,15 +420,6 @@ def _pruned(model, mask):
 
     edited = copy.deepcopy(model)
     pyattr.prune(edited, mask)
-    return edited
-
-
-def _random_ranks(model, report, seed: int):
-    """A copy of ``model`` with ``report``'s count of random ranks removed (draw ``seed``)."""
-    from pyattr.lowrank import remove_random
-
-    edited = copy.deepcopy(model)
-    remove_random(edited, report, seed=seed)
     return edited
 
 

@@ -1354,13 +1354,15 @@ def _batch(text: str) -> int | str:
     return "auto" if text == "auto" else _positive(text)
 
 
-def _draws_argument(parser) -> None:
+def _draws_argument(
+    parser, default: int | None = 1, said: str = "1: each draw is an ASR evaluation of the model"
+) -> None:
     parser.add_argument(
         "--control-draws",
         type=_positive,
-        default=1,
+        default=default,
         help="draws of each random control (seeds 0, 1, ...), reported as their mean and range "
-        "(default 1: each draw is an ASR evaluation of the whole model)",
+        f"(default {said})",
     )
 
 
@@ -1511,11 +1513,7 @@ def add_commands(commands) -> None:
     p.add_argument("--quick", action="store_true", help="seven points, fewer prompts (about 30 s)")
     p.add_argument("--overwrite", action="store_true", help="replace results of another run")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument(
-        "--control-draws",
-        type=_positive,
-        help="draws of each random control, reported as their mean and range (3; --quick: 1)",
-    )
+    _draws_argument(p, None, "3; --quick: 1")
     _judge_argument(p)
     p.set_defaults(run=_demo)
 

@@ -1303,8 +1303,31 @@ def _paper_dry_run(args, preset, points, files) -> int:
             print(f"  {stage:22s}      n/a (generation does not fit on this machine)")
         else:
             print(f"  {stage:22s} {seconds / 60:8.1f} min")
+    if preset.controls and not short:
+        print(_controls_cost(points, preset.control_draws, times))
     print(f"weights {format_bytes(plan.facts['weights'])}; nothing was run")
     return 0
+
+
+def _controls_cost(points, draws: int, times: dict[str, float]) -> str:
+    """What the random controls cost and what their draws buy: one draw is a sample, which the
+    report cannot give a range; each further draw is a full evaluation of every control."""
+    from pyattr import edits
+
+    drawn = sum(edits.get(p.edit).control_of is not None for p in points)
+    controls = drawn // draws
+    minutes = controls * (times["generation per point"] + times["utility per point"]) / 60
+    if draws == 1:
+        return (
+            f"controls: {controls} random controls, one draw each, so the report gives no range "
+            f"for them; each further draw (--control-draws N) adds {controls} points, "
+            f"{minutes:.1f} min predicted"
+        )
+    return (
+        f"controls: {controls} random controls, {draws} draws each ({drawn} points, "
+        f"{draws * minutes:.1f} min of the total predicted); the report gives each its mean "
+        "and range"
+    )
 
 
 GPU_MEMORY = {  # nominal memory per GPU of the common kinds; --gpu-memory gives the exact size

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from dataclasses import replace
 
 import pytest
@@ -135,6 +136,21 @@ def test_the_dry_run_plans_and_runs_nothing(setup, capsys):
     assert "grid: 13 points" in said and "memory plan (1 × h100)" in said
     assert "predicted time on 1 × h100 (one process, device_map; a prediction, not a" in said
     assert "| generation | KV cache" in said and "nothing was run" in said
+    per_point = re.search(
+        r"generation per point +([0-9.]+) min\n  utility per point +([0-9.]+)", said
+    )
+    one = sum(map(float, per_point.groups()))
+    cost = re.search(
+        r"controls: 5 random controls, one draw each, .* adds 5 points, ([0-9.]+) min", said
+    )
+    assert cost and float(cost.group(1)) == pytest.approx(5 * one, abs=0.1)
+    assert main([*small(setup, out), "--dry-run", "--control-draws", "2"]) == 0
+    said = capsys.readouterr().out
+    assert "grid: 18 points" in said
+    assert (
+        "controls: 5 random controls, 2 draws each (10 points, " in said
+        and "mean and range" in said
+    )
     assert not out.exists()
 
 
@@ -191,3 +207,18 @@ def test_an_interrupted_paper_run_resumes_and_reports(setup, monkeypatch):
     assert "Llama-2-7b-chat's refusals" in report  # the default safety set is said to be so
     assert "prune block by block as the released code did" in report
     assert "Prompts as the released code wrote them" in report
+
+
+def test_the_dry_run_says_what_the_controls_cost():
+    """One draw: the points each further draw adds and their predicted minutes; several: the
+    drawn points and their share of the total."""
+    from pyattr.cli import _controls_cost
+
+    times = {"generation per point": 60.0, "utility per point": 30.0}  # 1.5 min a point
+    one = preset_points(PAPER)
+    said = _controls_cost(one, 1, times)
+    assert "8 random controls, one draw each, so the report gives no range" in said
+    assert "adds 8 points, 12.0 min predicted" in said
+    three = preset_points(replace(PAPER, control_draws=3))
+    said = _controls_cost(three, 3, times)
+    assert "8 random controls, 3 draws each (24 points, 36.0 min of the total predicted)" in said

@@ -456,3 +456,133 @@ def test_toy_search_bar_margins_pair_each_edit_with_its_control():
     assert "+0.04" in line and "-0.06 ✗" in line and "seed 3: -0.06" in line
     line = next(x for x in out.splitlines() if x.startswith("| attack n=100"))
     assert line.count("|") == 5 and "seed 0: -0.05" in line  # seed 3 ran no attack: left blank
+
+
+TINY_BUILD = "hidden_size=16 layers=1 heads=2 intermediate_size=24 instruct_steps=3 align_steps=2"
+TINY_BUILD += " batch_size=4 utility_pool=300 utility_eval=16 text_sentences=10"
+
+PROBE = """
+import hashlib, os, pathlib, pytest
+
+ENTRY = pathlib.Path(os.environ["PYATTR_CACHE"]) / "toy" / "{digest}"
+REFERENCE = pathlib.Path("{reference}")
+
+
+def same(name):
+    return hashlib.sha256((ENTRY / name).read_bytes()).digest() == hashlib.sha256(
+        (REFERENCE / name).read_bytes()
+    ).digest()
+
+
+def test_the_default_weights():
+    assert same("aligned/model.safetensors"), "other weights"
+
+
+def test_the_default_data():
+    assert same("data/harmful_eval.txt"), "other data"
+
+
+def test_a_skip():
+    pytest.skip("not this build")
+"""
+
+
+def test_toy_builds_runs_the_tests_against_each_build(tmp_path, monkeypatch, capsys):
+    """Each kind of build in its own scratch cache, told apart by a probe test file that passes
+    on the default's weights and data only; a damaged, renamed or other recipe's entry and bad
+    specs are refused with the reason."""
+    import dataclasses
+    import hashlib
+    import json
+    import shutil
+
+    from benchmarks import toy_builds
+    from benchmarks.toy_search import parse_set
+    from pyattr import toy
+    from pyattr.toy.recipe import Recipe
+
+    monkeypatch.setenv("PYATTR_CACHE", str(tmp_path / "cache"))
+    recipe = dataclasses.replace(Recipe(), **parse_set(TINY_BUILD.split()))
+    reference = toy.build(recipe, progress=False)
+    probe = tmp_path / "test_probe.py"
+    probe.write_text(PROBE.format(digest=recipe.digest(), reference=reference))
+    copied = tmp_path / "elsewhere" / reference.name
+    shutil.copytree(reference, copied)
+    out = tmp_path / "out"
+    argv = ["--set", *TINY_BUILD.split(), "--tests", str(probe), "--out", str(out)]
+    argv += ["--models", str(tmp_path / "models")]
+    builds = ["default", "weights:1", "seed:1", f"entry:{copied}"]
+    rows = {r["build"]: r for r in toy_builds.main([*argv, "--builds", *builds])}
+    assert list(rows) == ["default", "weights-1", "seed-1", f"entry-{reference.name}"]
+    failed = {build: sorted(m for m in r["failed"].values()) for build, r in rows.items()}
+    assert failed["default"] == failed[f"entry-{reference.name}"] == []
+    assert [
+        m.splitlines()[0].startswith("AssertionError: other weights") for m in failed["weights-1"]
+    ] == [True]
+    assert len(failed["seed-1"]) == 2 and any("other data" in m for m in failed["seed-1"])
+    assert all(
+        len(r["skipped"]) == 1 and r["exit"] == (1 if r["failed"] else 0) for r in rows.values()
+    )
+    assert rows["weights-1"]["stand_in"] == "recipe seed 1's weights under the default's name"
+    text = (out / "toy_builds.md").read_text()
+    assert "## weights-1: failed" in text and "- 1 x not this build" in text
+    assert "## default: failed" not in text
+    assert json.loads((out / "toy_builds.json").read_text())[1]["build"] == "weights-1"
+    assert not list(out.rglob(".*.tmp-*"))  # every entry renamed into place
+    capsys.readouterr()
+
+    other = tmp_path / "other" / reference.name  # a complete entry of another recipe
+    shutil.copytree(reference, other)
+    changed = json.dumps({**json.loads((other / "recipe.json").read_text()), "seed": 7})
+    (other / "recipe.json").write_text(changed)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["files"]["recipe.json"] = hashlib.sha256(changed.encode()).hexdigest()
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    renamed = tmp_path / "renamed" / "0123456789abcdef"
+    shutil.copytree(reference, renamed)
+    damaged = tmp_path / "damaged" / reference.name
+    shutil.copytree(reference, damaged)
+    (damaged / "data" / "text.txt").write_text("changed")
+    refusals = {
+        f"entry:{other}": "another recipe (fields differ: ['seed'])",
+        f"entry:{renamed}": "other training code",
+        f"entry:{damaged}": "not a complete toy cache entry",
+        f"entry:{tmp_path / 'nowhere'}": "no such folder",
+        "seed:0": "the default's own build",
+        "seed:x": "an integer",
+        "weights": "default, weights:S, seed:S or entry:PATH",
+        "default:1": "default, weights:S, seed:S or entry:PATH",
+    }
+    for spec, message in refusals.items():
+        with pytest.raises(SystemExit, match=re.escape(message)):
+            toy_builds.main([*argv, "--builds", spec])
+    late = tmp_path / "late"  # a bad build named last is refused before the first is tested
+    with pytest.raises(SystemExit, match="not a complete toy cache entry"):
+        toy_builds.main([*argv[:-4], "--out", str(late), "--builds", "default", f"entry:{damaged}"])
+    assert not late.exists()
+    with pytest.raises(SystemExit, match="named twice"):
+        toy_builds.main([*argv, "--builds", "weights:1", "weights:1"])
+    with pytest.raises(SystemExit, match="--models"):
+        toy_builds.main(["--set", *TINY_BUILD.split(), "--out", str(out), "--builds", "seed:2"])
+
+
+def test_toy_builds_lists_every_test_file_that_reads_the_default_toy():
+    """A test file that loads the default toy (or runs the demo on it) is in ``TOY_TESTS``, so
+    the script runs every test that a build can turn red."""
+    from pathlib import Path
+
+    from benchmarks.toy_builds import ROOT, TOY_TESTS
+
+    calls = re.compile(r"toy\.(?:load|data|build)\(([^)]*)\)")
+    reads = set()
+    for path in sorted((ROOT / "tests").glob("test_*.py")):
+        if path.name == Path(__file__).name:  # this file: its patterns, a tiny recipe's build
+            continue
+        text = path.read_text()
+        default = any(
+            "recipe" not in a and not re.match(r"\s*[A-Z_]+\b", a) for a in calls.findall(text)
+        )
+        if default or '["demo"' in text:
+            reads.add(str(path.relative_to(ROOT)))
+    assert reads and reads <= set(TOY_TESTS), sorted(reads - set(TOY_TESTS))
+    assert all((ROOT / f).is_file() for f in TOY_TESTS)

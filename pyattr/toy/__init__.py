@@ -108,6 +108,22 @@ def _write_data(splits: Splits, folder: Path) -> None:
     (folder / DATA_FILES["text"]).write_text(splits.text + "\n", encoding="utf-8")
 
 
+def _write_entry(folder: Path, recipe: Recipe, splits: Splits, trained: tuple, about: dict) -> None:
+    """Write a cache entry into the new ``folder``: the tokenizer, the base and aligned models of
+    ``trained``, the data of ``splits``, ``recipe.json``, and last the manifest of checksums with
+    ``about`` (what the weights depend on beyond the recipe). ``build`` writes every entry so;
+    ``benchmarks.toy_builds`` writes other builds of the default with it."""
+    tok, base, aligned = trained
+    tok.save_pretrained(folder / "tokenizer")
+    base.save_pretrained(folder / "base")
+    aligned.save_pretrained(folder / "aligned")
+    _write_data(splits, folder / "data")
+    (folder / "recipe.json").write_text(json.dumps(recipe.__dict__, indent=1, sort_keys=True))
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    manifest = {"files": {str(p.relative_to(folder)): _sha256(p) for p in files}, **about}
+    (folder / _MANIFEST).write_text(json.dumps(manifest, indent=1))
+
+
 def _progress(total: int, enabled: bool):
     if not enabled:
         return None
@@ -140,21 +156,14 @@ def build(recipe: Recipe | None = None, *, force: bool = False, progress: bool =
         finally:
             if bar is not None:
                 bar.close()
-        tok.save_pretrained(tmp / "tokenizer")
-        base.save_pretrained(tmp / "base")
-        aligned.save_pretrained(tmp / "aligned")
-        _write_data(splits, tmp / "data")
-        (tmp / "recipe.json").write_text(json.dumps(recipe.__dict__, indent=1, sort_keys=True))
-        files = sorted(p for p in tmp.rglob("*") if p.is_file())
-        manifest = {
-            "files": {str(p.relative_to(tmp)): _sha256(p) for p in files},
+        about = {
             "train_seconds": round(time.perf_counter() - start, 1),
             "torch": torch.__version__,
             # what the weights depend on beyond the recipe (see ``train.TRAIN_THREADS``)
             "train_threads": TRAIN_THREADS,
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         }
-        (tmp / _MANIFEST).write_text(json.dumps(manifest, indent=1))
+        _write_entry(tmp, recipe, splits, (tok, base, aligned), about)
         if entry.exists():
             stale = entry.parent / f".{entry.name}.stale-{os.getpid()}"
             entry.rename(stale)

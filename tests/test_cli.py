@@ -114,8 +114,13 @@ def test_reduced_demo_report_and_resume(tmp_path, monkeypatch):
         assert second["judge"] == "keyword" and 0 <= second["agreement"] <= 1
     assert 0.01 < rows["set_difference"]["removed"] <= 0.05
     assert 0 < rows["orthogonal"]["removed"] <= 0.03 and rows["orthogonal"]["unit"] == "ranks"
+    # --quick draws each control once: a sample, which on another build moved vanilla by 0.25
+    # (benchmarks/RESULTS.md, "The toy's tests on other builds"); the mean of five draws is held
+    # to the 0.1 in tests/test_toy_model.py. One draw stays far below the set difference.
+    sd = rows["set_difference"]["asr"]["vanilla"]
     for control in ("random_weights", "random_ranks"):
-        assert rows[control]["asr"]["vanilla"] <= base["asr"]["vanilla"] + 0.1
+        drawn = rows[control]["asr"]["vanilla"]
+        assert drawn <= base["asr"]["vanilla"] + 0.35 and drawn <= sd - 0.4, (control, drawn, sd)
     # freezing the safety-critical region does not stop a strong fine-tuning attack (the paper)
     assert rows["finetune"]["asr"]["vanilla"] >= 0.8
     assert "n=100, 40 steps" in (tmp_path / "freezing.csv").read_text()

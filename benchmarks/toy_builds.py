@@ -200,7 +200,10 @@ def run_tests(build: Build, cache: Path, out: Path, tests: list[str]) -> dict:
             "failed": {"pytest": f"exit {code}, no report: see {log}"},
             "skipped": {},
         }
-    return row | read_junit(xml)
+    tests_row = read_junit(xml)
+    if code not in (0, 1) and not tests_row["failed"]:  # no tests ran, or pytest stopped itself
+        tests_row["failed"]["pytest"] = f"exit {code} (5: no tests collected): see {log}"
+    return row | tests_row
 
 
 def report(rows: list[dict]) -> str:

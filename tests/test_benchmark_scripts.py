@@ -556,6 +556,12 @@ def test_toy_builds_runs_the_tests_against_each_build(tmp_path, monkeypatch, cap
     for spec, message in refusals.items():
         with pytest.raises(SystemExit, match=re.escape(message)):
             toy_builds.main([*argv, "--builds", spec])
+    empty = tmp_path / "test_nothing.py"  # pytest's exit 5 (no tests) is a failure, not a pass
+    empty.write_text("")
+    (row,) = toy_builds.main(
+        [*argv[:-6], "--tests", str(empty), "--out", str(out), "--builds", "default"]
+    )
+    assert row["exit"] == 5 and "no tests collected" in row["failed"]["pytest"]
     late = tmp_path / "late"  # a bad build named last is refused before the first is tested
     with pytest.raises(SystemExit, match="not a complete toy cache entry"):
         toy_builds.main([*argv[:-4], "--out", str(late), "--builds", "default", f"entry:{damaged}"])

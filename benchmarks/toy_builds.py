@@ -35,6 +35,7 @@ import subprocess
 import sys
 import time
 import xml.etree.ElementTree as ET
+from collections import Counter
 from pathlib import Path
 
 from benchmarks.common import header, table
@@ -158,21 +159,17 @@ def read_junit(path: Path) -> dict:
     passed, failed, skipped = [], {}, {}
     for case in ET.parse(path).getroot().iter("testcase"):
         name = f"{case.get('classname')}::{case.get('name')}"
-        bad = next(
-            (case.find(tag) for tag in ("failure", "error") if case.find(tag) is not None), None
-        )
+        bad = case.find("failure")
+        bad = case.find("error") if bad is None else bad
         skip = case.find("skipped")
         if bad is not None:
-            failed[name] = (bad.get("message") or bad.text or "").strip().splitlines()[:1]
+            lines = (bad.get("message") or bad.text or "").strip().splitlines()
+            failed[name] = (lines[0] if lines else "")[:300]
         elif skip is not None:
             skipped[name] = (skip.get("message") or "").strip()
         else:
             passed.append(name)
-    return {
-        "passed": passed,
-        "failed": {k: (v[0] if v else "")[:300] for k, v in failed.items()},
-        "skipped": skipped,
-    }
+    return {"passed": passed, "failed": failed, "skipped": skipped}
 
 
 def run_tests(build: Build, cache: Path, out: Path, tests: list[str]) -> dict:
@@ -226,9 +223,7 @@ def report(rows: list[dict]) -> str:
         if r["failed"]:
             parts += ["", f"## {r['build']}: failed", ""]
             parts += [f"- `{name}`: {message}" for name, message in r["failed"].items()]
-        reasons: dict[str, int] = {}
-        for reason in r["skipped"].values():
-            reasons[reason] = reasons.get(reason, 0) + 1
+        reasons = Counter(r["skipped"].values())
         if reasons:
             parts += ["", f"## {r['build']}: skipped", ""]
             parts += [f"- {count} x {reason}" for reason, count in reasons.items()]

@@ -12,7 +12,7 @@ projection (``--ortho keep_u:keep_s``) with random ranks (``--draws N``: each ra
 drawn N times, its row their mean, beside the largest change of a single draw), and each
 fine-tuning attack (``--attacks n:steps``) with nothing and with each set difference of
 ``--freeze`` (method:p:q, repeatable; by default the demo's Wanda region) frozen, beside the
-share of weights it freezes.
+share of weights it freezes (``--freeze-controls``: and each with as many random weights frozen).
 ASR by the toy's exact judge in the four variants; utility on the held-out items. With safety
 neurons (``safety_neurons=K``) two diagnostics join: a row with every safety neuron's output removed
 (what alignment added, so the edit a perfect region would make), and per set difference the
@@ -271,7 +271,10 @@ def run_seed(recipe, args) -> list[dict]:
     for score, p, q in args.freeze:
         share = region(model, *stats, score=score, p=p, q=q)[0].sparsity()["overall"]
         name = "set_difference" if len(args.freeze) == 1 else f"{score} p={p:g} q={q:g}"
-        regions[name] = ({"frozen": "set_difference", "score": score, "p": p, "q": q}, share)
+        params = {"score": score, "p": p, "q": q}
+        regions[name] = ({"frozen": "set_difference", **params}, share)
+        if args.freeze_controls:
+            regions[f"random as {name}"] = ({"frozen": "random_weights", **params}, share)
     for spec in args.attacks:
         n, steps, lr = attack_spec(spec)
         editor.attack = dataclasses.replace(threat, lr=lr or threat.lr)
@@ -347,7 +350,7 @@ def bar_margins(rows: list[dict]) -> dict[str, float]:
     if attacks:
         weakest, strongest = list(attacks)[0], list(attacks)[-1]
         for frozen, value in attacks[weakest].items():
-            if frozen != "none":
+            if frozen != "none" and not frozen.startswith("random "):  # a control has no bar
                 lowered = attacks[weakest]["none"] - value
                 out[f"{weakest}: frozen {frozen} lowers it by {FREEZE}"] = lowered - FREEZE
         reached = min(attacks[strongest].values())
@@ -465,6 +468,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         nargs="+",
         action="extend",
         help="the attacks' frozen regions, method:p:q each (default: wanda:0.1:0.12)",
+    )
+    parser.add_argument(
+        "--freeze-controls",
+        action="store_true",
+        help="beside each frozen region, as many random weights frozen (one draw): what the "
+        "region's choice adds to its count",
     )
     parser.add_argument("--samples", type=int, default=5, help="Adv-Decoding samples")
     parser.add_argument(

@@ -793,7 +793,7 @@ def _sweep_points(args) -> list:
             if frozen != "none":
                 p, q = _pairs([args.frozen_pq], ("p", "q"), float)[0].values()
                 region |= score | {"q": q}
-                region |= {"p": p} if frozen == "set_difference" else {}
+                region |= {"p": p} if frozen in ("set_difference", "random_weights") else {}
             points.append(Point("finetune", attack | region))
     for pq in _pairs(args.rewind, ("p", "q"), float):
         points.append(Point("rewind", {"region": "set_difference"} | score | pq))
@@ -1506,6 +1506,8 @@ def _judge_argument(parser, default: str | None = "auto") -> None:
 
 def add_commands(commands) -> None:
     """Register the stage subcommands on an argparse subparsers object."""
+    from pyattr.edits import REGIONS
+
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--model", default="toy", help="local HF folder, 'toy' or 'toy:base'")
     common.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
@@ -1688,9 +1690,10 @@ def add_commands(commands) -> None:
     p.add_argument(
         "--frozen",
         nargs="+",
-        choices=["none", "set_difference", "top_safety"],
+        choices=REGIONS,
         default=["none"],
-        help="regions kept bit for bit in each attack (with --method and --frozen-pq)",
+        help="regions kept bit for bit in each attack (with --method and --frozen-pq); "
+        "random_weights: as many random weights as the set difference, the freeze's control",
     )
     p.add_argument("--frozen-pq", default="0.05,0.05", help="p,q of the frozen region")
     p.add_argument("--attack-data", help="harmful pairs to fine-tune on (default: the toy's)")

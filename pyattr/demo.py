@@ -15,7 +15,8 @@ then one point per edit, each measured by ASR in the paper's four variants and b
   mean and range: one draw is a sample, and on the toy a single draw can move a variant's ASR
   by twice as much as the mean of a few (benchmarks/RESULTS.md);
 - fine-tuning attacks of growing strength (``ATTACKS``: n harmful pairs, steps) with nothing, the
-  Wanda set difference or the top safety weights frozen;
+  Wanda set difference, as many random weights (one draw: what the choice of the weights adds
+  to what their count does) or the top safety weights frozen;
 
 then the overlap analysis (Jaccard index, subspace similarity) and one overlap map of every
 lens per block (the direction in each writer's safety and utility subspace, the Jaccard index,
@@ -106,9 +107,10 @@ def demo_points(quick: bool = False, draws: int | None = None) -> list[Point]:
 
 
 def _frozen(frozen: str) -> dict:
-    """A finetune point's frozen region: the Wanda set difference at ``SET_DIFFERENCE`` or the
-    top 5% safety weights by Wanda."""
-    if frozen == "set_difference":
+    """A finetune point's frozen region: the Wanda set difference at ``SET_DIFFERENCE``, random
+    weights of its count (one draw: the freeze's control) or the top 5% safety weights by
+    Wanda."""
+    if frozen in ("set_difference", "random_weights"):
         return {"frozen": frozen, **_set_difference("wanda")}
     if frozen == "top_safety":
         return {"frozen": frozen, "score": "wanda", "q": 0.05}
@@ -131,8 +133,9 @@ def attack(
 ):
     """A copy of the toy model after the demo's fine-tuning attack: ``steps`` steps on ``n``
     harmful (prompt, compliant answer) pairs of the toy's training split, with ``frozen``
-    ("none", "set_difference": the Wanda set difference at its ``SET_DIFFERENCE``, or
-    "top_safety": the top 5% safety weights by Wanda) kept bit for bit. ``recipe``: the toy
+    ("none", "set_difference": the Wanda set difference at its ``SET_DIFFERENCE``,
+    "random_weights": as many random weights, or "top_safety": the top 5% safety weights by
+    Wanda) kept bit for bit. ``recipe``: the toy
     recipe whose pairs are used (the default recipe's by default)."""
     from pyattr import toy
 

@@ -15,11 +15,11 @@ and applies itself to a copy of the editor's model:
     orthogonal      W ← W − (I − Π_u) Π_s W (r_u and r_s, or keep_u and keep_s)
     random_ranks    random directions of the orthogonal projection's ranks (as orthogonal; seed)
     finetune        a fine-tuning attack on n harmful pairs for ``steps`` steps, with a region
-                    (frozen: none, set_difference with score/p/q, top_safety with score/q)
-                    kept bit for bit
-    rewind          copy a region (region: set_difference or top_safety, with score/p/q, found
-                    on the source) back from the editor's source model: rewinding an attacked
-                    model's safety-critical weights to the aligned ones
+                    (frozen: none, set_difference with score/p/q, top_safety with score/q, or
+                    random_weights with score/p/q/seed: the freeze's control) kept bit for bit
+    rewind          copy a region (region: set_difference, top_safety or random_weights, with
+                    score/p/q/seed, found on the source) back from the editor's source model:
+                    rewinding an attacked model's safety-critical weights to the aligned ones
     direction       the editor's refusal direction orthogonalised out of every weight writing
                     to the residual stream (``pyattr.direction``): one rank of the stream
     random_direction  a random direction of the same norm, orthogonalised alike (seed)
@@ -43,8 +43,10 @@ if TYPE_CHECKING:
 
 __all__ = ["Edit", "REGIONS", "get", "names", "register", "row_edit", "row_score"]
 
-# The regions a fine-tuning attack may freeze, and a rewind may copy back.
-REGIONS = ("none", "set_difference", "top_safety")
+# The regions a fine-tuning attack may freeze, and a rewind may copy back: random_weights, a
+# random region as large as the set difference, tells what the choice of the weights adds to
+# what their count does.
+REGIONS = ("none", "set_difference", "random_weights", "top_safety")
 
 
 @dataclass(frozen=True)
@@ -100,10 +102,14 @@ def row_score(params: dict, default: str = "") -> str:
 
 
 def _mask(editor: Editor, model: nn.Module, region: str, p: dict):
-    """The region ``set_difference`` (score, p, q) or ``top_safety`` (score, q) of ``model``."""
+    """The region ``set_difference`` (score, p, q), ``top_safety`` (score, q) or
+    ``random_weights`` (score, p, q, seed: a random region as large as that set difference,
+    layer by layer) of ``model``."""
+    from .masks import random_like
     from .masks import region as masks_region
 
-    needs = {"set_difference": ("p", "q"), "top_safety": ("q",)}.get(region, ())
+    needs = {"set_difference": ("p", "q"), "top_safety": ("q",), "random_weights": ("p", "q")}
+    needs = needs.get(region, ())
     missing = [k for k in needs if k not in p]
     if missing:
         raise ValueError(f"the {region} region needs {missing} in the point's parameters")
@@ -115,6 +121,8 @@ def _mask(editor: Editor, model: nn.Module, region: str, p: dict):
         return masks_region(model, safety, utility, score=score, q=p["q"], p=p["p"])[0]
     if region == "top_safety":
         return masks_region(model, editor.safety, score=score, q=p["q"])[0]
+    if region == "random_weights":
+        return random_like(_mask(editor, model, "set_difference", p), seed=p.get("seed", 0))
     raise ValueError(f"region must be one of {REGIONS[1:]}, got {region!r}")
 
 
@@ -138,13 +146,10 @@ def _sequential_top(editor: Editor, model: nn.Module, p: dict) -> float:
 def _pruned(region: str, random: bool = False):
     def apply(editor: Editor, model: nn.Module, p: dict) -> float:
         from .edit import prune
-        from .masks import random_like
 
         if p.get("sequential"):
             return _sequential_top(editor, model, p)
-        mask = _mask(editor, model, region, p)
-        if random:
-            mask = random_like(mask, seed=p.get("seed", 0))
+        mask = _mask(editor, model, "random_weights" if random else region, p)
         prune(model, mask)
         return mask.sparsity()["overall"]
 
@@ -282,10 +287,10 @@ for _edit in (
         "weights",
         ("n", "steps"),
         _finetune,
-        ("frozen", "score", "p", "q"),
+        ("frozen", "score", "p", "q", "seed"),
         layerwise=False,
     ),
-    Edit("rewind", "rewinding", "weights", ("region", "q"), _rewind, ("score", "p")),
+    Edit("rewind", "rewinding", "weights", ("region", "q"), _rewind, ("score", "p", "seed")),
     Edit(
         "direction",
         "refusal direction orthogonalised",

@@ -205,13 +205,17 @@ def pool_draws(rows: list[dict]) -> list[dict]:
 
 
 def _freezing(attacks: list[dict]) -> list[dict]:
-    """The paper's freezing table: one row per frozen region, one column per attack (n pairs,
-    steps), the vanilla ASR in each cell."""
-    table: dict[str, dict] = {}
+    """The paper's freezing table: one row per frozen region (its name and parameters: two
+    regions of one kind stay two rows), one column per attack (n pairs, steps), the vanilla ASR
+    in each cell."""
+    table: dict[tuple, dict] = {}
     for r in attacks:
         p = r["params"]
-        row = table.setdefault(p["frozen"], {"frozen": p["frozen"]})
-        column = f"n={p['n']}" + (f", {p['steps']} steps" if "steps" in p else "")
+        region = {k: v for k, v in p.items() if k not in ("frozen", "n", "steps")}
+        params = ", ".join(f"{k}={v}" for k, v in region.items())
+        row = table.setdefault((p["frozen"], params), {"frozen": p["frozen"], "params": params})
+        steps = p.get("steps")
+        column = f"n={p['n']}" + ("" if steps is None else f", {steps} step{'s' * (steps != 1)}")
         row[column] = r["asr"]["vanilla"]
     return list(table.values())
 

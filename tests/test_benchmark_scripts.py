@@ -196,17 +196,24 @@ def test_toy_search_smoke(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(
         pyattr.finetune, "finetune", lambda *a, **k: rates.append(k["lr"]) or tuned(*a, **k)
     )
-    frozen = toy_search.main([*again, "--sd", "--ortho", "--attacks", "2:1", "2:1:1e-3", *regions])
+    attacks = ["--attacks", "2:1", "2:1:1e-3", *regions, "--freeze-controls"]
+    frozen = toy_search.main([*again, "--sd", "--ortho", *attacks])
     assert len(given) == 1 and given[0] is not None  # the saved base, not a new stage 1
-    assert rates == [FINETUNE["lr"]] * 3 + [1e-3] * 3  # each attack at its own rate
+    assert rates == [FINETUNE["lr"]] * 5 + [1e-3] * 5  # each attack at its own rate
     for attack in ("attack n=2 steps=1", "attack n=2 steps=1 lr=0.001"):
         rows = [line for line in frozen.splitlines() if f"| {attack}, frozen " in line]
         assert [row.split("|")[2].split("frozen ")[1].strip() for row in rows] == [
             "none",
             "wanda p=0.05 q=0.05",
+            "random as wanda p=0.05 q=0.05",
             "snip p=0.2 q=0.1",
+            "random as snip p=0.2 q=0.1",
         ]
-    assert rows[0].split("|")[3].strip() == "" and all("%" in r.split("|")[3] for r in rows[1:])
+    shares = [row.split("|")[3].strip() for row in rows]
+    assert shares[0] == "" and all("%" in share for share in shares[1:])
+    assert shares[1] == shares[2] and shares[3] == shares[4]  # a control: as many weights
+    bars = frozen[frozen.index("| bar (margin") :]
+    assert "frozen wanda p=0.05 q=0.05 lowers it" in bars and "random as" not in bars
     again_out = toy_search.main([*again, "--sd", "--ortho", "--attacks"])
     assert len(given) == 1  # the aligned model saved by the run before: nothing trains
 

@@ -251,22 +251,26 @@ def test_sweep_runs_fine_tuning_points(tmp_path):
     main(["calibrate", "--collect", "norms", "--out", str(d / "s")])
     main(["calibrate", "--toy-set", "utility", "--collect", "norms", "--out", str(d / "u")])
     sweep = ["sweep", "--safety", str(d / "s"), "--utility", str(d / "u")]
-    sweep += ["--finetune", "8,4", "--frozen", "none", "set_difference", "--finetune-lr", "6e-4"]
+    sweep += ["--finetune", "8,4", "--frozen", "none", "set_difference", "random_weights"]
+    sweep += ["--finetune-lr", "6e-4"]
     sweep += ["--max-new-tokens", "32", "--batch-size", "128", "--out", str(d / "sweep")]
     assert main(sweep) == 0
     rows = [json.loads(line) for line in (d / "sweep" / "results.jsonl").read_text().splitlines()]
     attacks = [r for r in rows[1:] if r["edit"] == "finetune"]
-    assert [r["params"]["frozen"] for r in attacks] == ["none", "set_difference"]
-    assert attacks[1]["params"] | {"n": 0} == {
-        "n": 0,
-        "steps": 4,
-        "frozen": "set_difference",
-        "score": "wanda",
-        "p": 0.05,
-        "q": 0.05,
-    }
+    frozen = ["none", "set_difference", "random_weights"]
+    assert [r["params"]["frozen"] for r in attacks] == frozen
+    for attacked, region in zip(attacks[1:], frozen[1:], strict=True):
+        assert attacked["params"] == {
+            "n": 8,
+            "steps": 4,
+            "frozen": region,
+            "score": "wanda",
+            "p": 0.05,
+            "q": 0.05,
+        }
     assert all(r["asr"]["vanilla"] >= 0.5 for r in attacks)  # the attack undoes the alignment
-    assert "n=8, 4 steps" in (d / "sweep" / "freezing.csv").read_text()
+    table = (d / "sweep" / "freezing.csv").read_text()
+    assert "n=8, 4 steps" in table and all(region in table for region in frozen)
     with pytest.raises(SystemExit, match="needs --attack-data"):
         main([*sweep[:5], "--model", str(d / "nope"), "--finetune", "8,4", "--out", str(d / "x")])
 

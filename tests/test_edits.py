@@ -168,6 +168,39 @@ def test_rewinding_the_region_gives_back_the_source(subject):
         Editor(attacked, safety, utility).edited(Point("rewind", params))
 
 
+def test_a_random_region_is_the_freeze_and_rewind_control(subject):
+    """A fine-tuning point with ``random_weights`` frozen keeps, bit for bit, the random region
+    its seed draws as large as the set difference (``random_like``), and moves the weights
+    outside it; a rewind of that region copies exactly it back from the source."""
+    from pyattr.masks import random_like
+    from pyattr.sweep import Attack
+
+    model, safety, utility = subject
+    sd = {"score": "wanda", "p": 0.1, "q": 0.2}
+    chosen = region(model, safety, utility, score="wanda", q=0.2, p=0.1)[0]
+    mask = random_like(chosen, seed=1)
+    editor = Editor(model, safety, utility, attack=Attack(tokenizer(), SAFETY, lr=1e-2))
+    frozen = {"n": 4, "steps": 2, "frozen": "random_weights", **sd, "seed": 1}
+    attacked, _, _ = editor.edited(Point("finetune", frozen))
+    found = (pyattr.find_linear_layers(m) for m in (model, attacked))
+    layers = list(zip(*found, strict=True))
+    for a, b in layers:
+        m = mask.masks[a.name]
+        assert torch.equal(b.weight[m], a.weight[m])
+        assert (b.weight[~m] != a.weight[~m]).float().mean() > 0.99  # the free weights moved
+    assert any(not torch.equal(mask.masks[n], chosen.masks[n]) for n in mask.masks)
+    back = {"region": "random_weights", **sd, "seed": 1}
+    rewound, removed, _ = Editor(attacked, safety, utility, source=model).edited(
+        Point("rewind", back)
+    )
+    assert removed == pytest.approx(chosen.sparsity()["overall"])
+    for (a, b), r in zip(layers, pyattr.find_linear_layers(rewound), strict=True):
+        m = mask.masks[a.name]
+        assert torch.equal(r.weight[m], a.weight[m]) and torch.equal(r.weight[~m], b.weight[~m])
+    with pytest.raises(ValueError, match=r"the random_weights region needs \['p'\]"):
+        editor.edited(Point("finetune", {"n": 4, "steps": 1, "frozen": "random_weights", "q": 0.2}))
+
+
 def test_cached_eigenbases_are_reused(subject, tmp_path, monkeypatch):
     """Bases handed to the editor (as `pyattr lowrank eigen` caches them) are the ones used:
     nothing is recomputed, and the edit equals the one from freshly computed bases."""

@@ -169,4 +169,4 @@ def test_command_line_examples_run_in_order(in_files, capsys):
     assert (in_files / "sweep" / "report.md").exists()
     assert (in_files / "paper" / "report.md").exists() and (in_files / "chat-safety.csv").exists()
     rows = (in_files / "attacks" / "results.jsonl").read_text().splitlines()
-    assert sum('"finetune"' in row for row in rows) == 4  # two attacks × two frozen regions
+    assert sum('"finetune"' in row for row in rows) == 6  # two attacks × three frozen regions

@@ -31,6 +31,7 @@ ROWS = [
     row("finetune", {"n": 10, "steps": 5, "frozen": "none"}, 0.0),
     row("finetune", {"n": 10, "steps": 5, "frozen": "set_difference"}, 0.0),
     row("finetune", {"n": 100, "steps": 40, "frozen": "none"}, 0.0),
+    row("finetune", {"n": 10, "steps": 1, "frozen": "random_weights", "p": 0.05, "q": 0.05}, 0.0),
 ]
 
 
@@ -93,9 +94,18 @@ def test_report_folder(tmp_path):
     assert float(table[1]["removed"]) == 0.024 and float(table[1]["ASR vanilla"]) == 0.1
     assert len(table) == len(ROWS)
     freezing = list(csv.DictReader((tmp_path / "freezing.csv").open()))
+
+    def cells(*values: str) -> dict:
+        return dict(zip(("n=10, 5 steps", "n=100, 40 steps", "n=10, 1 step"), values, strict=True))
+
     assert freezing == [
-        {"frozen": "none", "n=10, 5 steps": "0.1", "n=100, 40 steps": "0.1"},
-        {"frozen": "set_difference", "n=10, 5 steps": "0.1", "n=100, 40 steps": ""},
+        {"frozen": "none", "params": "", **cells("0.1", "0.1", "")},
+        {"frozen": "set_difference", "params": "", **cells("0.1", "", "")},
+        {  # a region of another kind or parameters: a row of its own
+            "frozen": "random_weights",
+            "params": "p=0.05, q=0.05",
+            **cells("", "", "0.1"),
+        },
     ]
     png = (tmp_path / "asr_utility.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"

@@ -772,8 +772,12 @@ def _sweep_points(args) -> list:
     """The sweep's points from its arguments, in the vocabulary of ``pyattr.edits``."""
     from pyattr.sweep import Point, draws_of
 
-    if args.control_draws > 1 and not args.controls:
-        raise SystemExit("pyattr: --control-draws draws the random controls: add --controls")
+    freeze_control = bool(args.finetune) and "random_weights" in args.frozen
+    if args.control_draws > 1 and not (args.controls or freeze_control):
+        raise SystemExit(
+            "pyattr: --control-draws draws the random controls: add --controls (or --frozen "
+            "random_weights with --finetune)"
+        )
     points = [Point("none")]
     score = {"score": args.score}
     points += [Point("top", score | {"q": q}) for q in args.top or []]
@@ -794,7 +798,9 @@ def _sweep_points(args) -> list:
                 p, q = _pairs([args.frozen_pq], ("p", "q"), float)[0].values()
                 region |= score | {"q": q}
                 region |= {"p": p} if frozen in ("set_difference", "random_weights") else {}
-            points.append(Point("finetune", attack | region))
+            point = Point("finetune", attack | region)
+            control = frozen == "random_weights"  # the freeze's control: drawn as the others
+            points += draws_of(point, args.control_draws) if control else [point]
     for pq in _pairs(args.rewind, ("p", "q"), float):
         points.append(Point("rewind", {"region": "set_difference"} | score | pq))
     if args.direction:

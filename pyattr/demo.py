@@ -15,8 +15,8 @@ then one point per edit, each measured by ASR in the paper's four variants and b
   mean and range: one draw is a sample, and on the toy a single draw can move a variant's ASR
   by twice as much as the mean of a few (benchmarks/RESULTS.md);
 - fine-tuning attacks of growing strength (``ATTACKS``: n harmful pairs, steps) with nothing, the
-  Wanda set difference, as many random weights (one draw: what the choice of the weights adds
-  to what their count does) or the top safety weights frozen;
+  Wanda set difference, as many random weights (drawn as the other controls: what the choice
+  of the weights adds to what their count does) or the top safety weights frozen;
 
 then the overlap analysis (Jaccard index, subspace similarity) and one overlap map of every
 lens per block (the direction in each writer's safety and utility subspace, the Jaccard index,
@@ -98,18 +98,16 @@ def demo_points(quick: bool = False, draws: int | None = None) -> list[Point]:
         points.append(Point("orthogonal", {"keep_u": keep_u, "keep_s": keep_s}))
     points += draws_of(Point("random_ranks", ranks), draws)
     points += [Point("direction"), *draws_of(Point("random_direction"), draws)]
-    points += [
-        Point("finetune", {"n": n, "steps": steps, **_frozen(frozen)})
-        for n, steps in ATTACKS
-        for frozen in REGIONS
-    ]
+    for n, steps in ATTACKS:
+        for frozen in REGIONS:
+            point = Point("finetune", {"n": n, "steps": steps, **_frozen(frozen)})
+            points += draws_of(point, draws) if frozen == "random_weights" else [point]
     return points
 
 
 def _frozen(frozen: str) -> dict:
     """A finetune point's frozen region: the Wanda set difference at ``SET_DIFFERENCE``, random
-    weights of its count (one draw: the freeze's control) or the top 5% safety weights by
-    Wanda."""
+    weights of its count (the freeze's control) or the top 5% safety weights by Wanda."""
     if frozen in ("set_difference", "random_weights"):
         return {"frozen": frozen, **_set_difference("wanda")}
     if frozen == "top_safety":

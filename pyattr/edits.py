@@ -41,7 +41,7 @@ from ._registry import Registry
 if TYPE_CHECKING:
     from .sweep import Editor
 
-__all__ = ["Edit", "REGIONS", "get", "names", "register", "row_edit", "row_score"]
+__all__ = ["Edit", "REGIONS", "get", "is_control", "names", "register", "row_edit", "row_score"]
 
 # The regions a fine-tuning attack may freeze, and a rewind may copy back: random_weights, a
 # random region as large as the set difference, tells what the choice of the weights adds to
@@ -84,6 +84,21 @@ class Edit:
 
 _REGISTRY: Registry[Edit] = Registry("edit")
 register, names, get = _REGISTRY.register, _REGISTRY.names, _REGISTRY.get
+
+
+def is_control(edit: str, params: dict) -> bool:
+    """Whether a point is a random control, drawn (``sweep.draws_of``) and pooled
+    (``report.pool_draws``) as one: the control of another edit (random weights, ranks, a
+    random direction), or a fine-tuning attack or rewind whose region is random weights (the
+    freeze's and the rewind's control). Edits of files from other versions are not."""
+    if edit not in names():
+        return False
+    if get(edit).control_of is not None:
+        return True
+    return edit in ("finetune", "rewind") and "random_weights" in (
+        params.get("frozen"),
+        params.get("region"),
+    )
 
 
 def row_edit(row: dict) -> str:

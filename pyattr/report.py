@@ -176,7 +176,7 @@ def pool_draws(rows: list[dict]) -> list[dict]:
     order: list = []
     for row in rows:
         edit, params = row_edit(row), row["params"]
-        if _control_of(edit) and "seed" in params:
+        if edits.is_control(edit, params) and "seed" in params:
             rest = {k: v for k, v in params.items() if k != "seed"}
             key = (edit, json.dumps(rest, sort_keys=True, default=str))
             if key not in groups:
@@ -207,13 +207,14 @@ def pool_draws(rows: list[dict]) -> list[dict]:
 def _freezing(attacks: list[dict]) -> list[dict]:
     """The paper's freezing table: one row per frozen region (its name and parameters: two
     regions of one kind stay two rows), one column per attack (n pairs, steps), the vanilla ASR
-    in each cell."""
+    in each cell; a random region drawn several times (``draws``) is the mean of its draws."""
     table: dict[tuple, dict] = {}
-    for r in attacks:
+    for r in pool_draws(attacks):
         p = r["params"]
         region = {k: v for k, v in p.items() if k not in ("frozen", "n", "steps")}
         params = ", ".join(f"{k}={v}" for k, v in region.items())
-        row = table.setdefault((p["frozen"], params), {"frozen": p["frozen"], "params": params})
+        first = {"frozen": p["frozen"], "params": params, "draws": r.get("draws", "")}
+        row = table.setdefault((p["frozen"], params), first)
         steps = p.get("steps")
         column = f"n={p['n']}" + ("" if steps is None else f", {steps} step{'s' * (steps != 1)}")
         row[column] = r["asr"]["vanilla"]

@@ -82,8 +82,8 @@ def draws_of(point: Point, draws: int = 1) -> list[Point]:
     draw by draw"); the report pools the draws into their mean and range (``report.pool_draws``)."""
     if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
         raise ValueError(f"draws must be a whole number of at least 1, got {draws!r}")
-    if edits.get(point.edit).control_of is None:
-        raise ValueError(f"{point.edit!r} is not a random control; only controls are drawn")
+    if not edits.is_control(point.edit, point.params):
+        raise ValueError(f"{point.key} is not a random control; only controls are drawn")
     if "seed" in point.params:
         raise ValueError(f"{point.key} already names its seed; draws_of sets the seeds")
     if draws == 1:

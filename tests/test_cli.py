@@ -4,6 +4,7 @@ interrupted halfway resumes without redoing finished points."""
 
 from __future__ import annotations
 
+import csv
 import json
 
 import pytest
@@ -252,25 +253,23 @@ def test_sweep_runs_fine_tuning_points(tmp_path):
     main(["calibrate", "--toy-set", "utility", "--collect", "norms", "--out", str(d / "u")])
     sweep = ["sweep", "--safety", str(d / "s"), "--utility", str(d / "u")]
     sweep += ["--finetune", "8,4", "--frozen", "none", "set_difference", "random_weights"]
-    sweep += ["--finetune-lr", "6e-4"]
+    sweep += ["--finetune-lr", "6e-4", "--control-draws", "2"]  # the freeze's control, twice
     sweep += ["--max-new-tokens", "32", "--batch-size", "128", "--out", str(d / "sweep")]
     assert main(sweep) == 0
     rows = [json.loads(line) for line in (d / "sweep" / "results.jsonl").read_text().splitlines()]
     attacks = [r for r in rows[1:] if r["edit"] == "finetune"]
-    frozen = ["none", "set_difference", "random_weights"]
+    frozen = ["none", "set_difference", "random_weights", "random_weights"]
     assert [r["params"]["frozen"] for r in attacks] == frozen
-    for attacked, region in zip(attacks[1:], frozen[1:], strict=True):
-        assert attacked["params"] == {
-            "n": 8,
-            "steps": 4,
-            "frozen": region,
-            "score": "wanda",
-            "p": 0.05,
-            "q": 0.05,
-        }
+    region = {"n": 8, "steps": 4, "score": "wanda", "p": 0.05, "q": 0.05}
+    assert attacks[1]["params"] == region | {"frozen": "set_difference"}
+    for seed, drawn in enumerate(attacks[2:]):
+        assert drawn["params"] == region | {"frozen": "random_weights", "seed": seed}
     assert all(r["asr"]["vanilla"] >= 0.5 for r in attacks)  # the attack undoes the alignment
-    table = (d / "sweep" / "freezing.csv").read_text()
-    assert "n=8, 4 steps" in table and all(region in table for region in frozen)
+    with (d / "sweep" / "freezing.csv").open() as f:
+        table = {r["frozen"]: r for r in csv.DictReader(f)}
+    assert list(table) == frozen[:3] and table["random_weights"]["draws"] == "2"
+    mean = sum(r["asr"]["vanilla"] for r in attacks[2:]) / 2
+    assert float(table["random_weights"]["n=8, 4 steps"]) == pytest.approx(mean)
     with pytest.raises(SystemExit, match="needs --attack-data"):
         main([*sweep[:5], "--model", str(d / "nope"), "--finetune", "8,4", "--out", str(d / "x")])
 

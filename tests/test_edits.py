@@ -235,8 +235,17 @@ def test_draws_of_a_control_are_one_point_per_seed(subject):
     for bad in (0, -1, True, 1.5):
         with pytest.raises(ValueError, match="draws must be a whole number"):
             draws_of(Point("random_ranks", ranks), bad)
-    with pytest.raises(ValueError, match="'orthogonal' is not a random control"):
+    with pytest.raises(ValueError, match=r"orthogonal\(.*\) is not a random control"):
         draws_of(Point("orthogonal", ranks), 2)
+    attack = {"n": 4, "steps": 1, "score": "wanda", "p": 0.1, "q": 0.2}
+    frozen = Point("finetune", attack | {"frozen": "random_weights"})  # the freeze's control
+    assert [p.params["seed"] for p in draws_of(frozen, 2)] == [0, 1]
+    for kept in ("set_difference", "none"):
+        with pytest.raises(ValueError, match="is not a random control"):
+            draws_of(Point("finetune", attack | {"frozen": kept}), 2)
+    assert edits.is_control("rewind", {"region": "random_weights", "q": 0.1})
+    assert not edits.is_control("rewind", {"region": "set_difference", "q": 0.1})
+    assert not edits.is_control("prune", {})  # an edit of another version's files
     with pytest.raises(ValueError, match="already names its seed"):
         draws_of(Point("random_direction", {"seed": 4}), 2)
     model, safety, utility = subject

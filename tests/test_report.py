@@ -19,6 +19,7 @@ def row(method: str, params: dict, removed: float, unit: str = "weights", **extr
     return head | {"asr": dict(ASR), "utility": 0.9, "seconds": 1.5} | extra
 
 
+FROZEN = {"n": 10, "steps": 1, "frozen": "random_weights", "p": 0.05, "q": 0.05}
 ROWS = [
     row("none", {}, 0.0),
     row("set_difference", {"method": "wanda", "p": 0.05, "q": 0.05}, 0.024),
@@ -31,7 +32,10 @@ ROWS = [
     row("finetune", {"n": 10, "steps": 5, "frozen": "none"}, 0.0),
     row("finetune", {"n": 10, "steps": 5, "frozen": "set_difference"}, 0.0),
     row("finetune", {"n": 100, "steps": 40, "frozen": "none"}, 0.0),
-    row("finetune", {"n": 10, "steps": 1, "frozen": "random_weights", "p": 0.05, "q": 0.05}, 0.0),
+    *(  # two draws of the freeze's control
+        row("finetune", FROZEN | {"seed": k}, 0.0, asr=dict.fromkeys(ASR, a))
+        for k, a in enumerate((0.1, 0.3))
+    ),
 ]
 
 
@@ -92,19 +96,21 @@ def test_report_folder(tmp_path):
     with (tmp_path / "results.csv").open() as f:
         table = list(csv.DictReader(f))
     assert float(table[1]["removed"]) == 0.024 and float(table[1]["ASR vanilla"]) == 0.1
-    assert len(table) == len(ROWS)
+    assert len(table) == len(ROWS) - 1  # the freeze control's two draws: one row
+    assert table[-1]["draws"] == "2" and float(table[-1]["ASR vanilla"]) == pytest.approx(0.2)
     freezing = list(csv.DictReader((tmp_path / "freezing.csv").open()))
 
     def cells(*values: str) -> dict:
         return dict(zip(("n=10, 5 steps", "n=100, 40 steps", "n=10, 1 step"), values, strict=True))
 
     assert freezing == [
-        {"frozen": "none", "params": "", **cells("0.1", "0.1", "")},
-        {"frozen": "set_difference", "params": "", **cells("0.1", "", "")},
-        {  # a region of another kind or parameters: a row of its own
+        {"frozen": "none", "params": "", "draws": "", **cells("0.1", "0.1", "")},
+        {"frozen": "set_difference", "params": "", "draws": "", **cells("0.1", "", "")},
+        {  # a region of another kind or parameters: a row of its own, its draws' mean
             "frozen": "random_weights",
             "params": "p=0.05, q=0.05",
-            **cells("", "", "0.1"),
+            "draws": "2",
+            **cells("", "", "0.2"),
         },
     ]
     png = (tmp_path / "asr_utility.png").read_bytes()

@@ -133,8 +133,8 @@ def attack(
     harmful (prompt, compliant answer) pairs of the toy's training split, with ``frozen``
     ("none", "set_difference": the Wanda set difference at its ``SET_DIFFERENCE``,
     "random_weights": as many random weights, or "top_safety": the top 5% safety weights by
-    Wanda) kept bit for bit. ``recipe``: the toy
-    recipe whose pairs are used (the default recipe's by default)."""
+    Wanda) kept bit for bit. ``recipe``: the toy recipe whose pairs are used (the default
+    recipe's by default)."""
     from pyattr import toy
 
     threat = Attack(tokenizer, toy.attack_pairs(recipe), seed=seed, **FINETUNE)

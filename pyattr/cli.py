@@ -770,6 +770,7 @@ def _bases(args, model) -> list | None:
 
 def _sweep_points(args) -> list:
     """The sweep's points from its arguments, in the vocabulary of ``pyattr.edits``."""
+    from pyattr.edits import is_control
     from pyattr.sweep import Point, draws_of
 
     freeze_control = bool(args.finetune) and "random_weights" in args.frozen
@@ -799,7 +800,7 @@ def _sweep_points(args) -> list:
                 region |= score | {"q": q}
                 region |= {"p": p} if frozen in ("set_difference", "random_weights") else {}
             point = Point("finetune", attack | region)
-            control = frozen == "random_weights"  # the freeze's control: drawn as the others
+            control = is_control(point.edit, point.params)  # the freeze's: drawn as the others
             points += draws_of(point, args.control_draws) if control else [point]
     for pq in _pairs(args.rewind, ("p", "q"), float):
         points.append(Point("rewind", {"region": "set_difference"} | score | pq))

@@ -32,7 +32,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .edits import REGIONS
+from .edits import REGIONS, is_control
 from .sweep import Attack, Editor, Point, draws_of
 
 __all__ = [
@@ -101,7 +101,7 @@ def demo_points(quick: bool = False, draws: int | None = None) -> list[Point]:
     for n, steps in ATTACKS:
         for frozen in REGIONS:
             point = Point("finetune", {"n": n, "steps": steps, **_frozen(frozen)})
-            points += draws_of(point, draws) if frozen == "random_weights" else [point]
+            points += draws_of(point, draws) if is_control(point.edit, point.params) else [point]
     return points
 
 

@@ -1,9 +1,11 @@
 """The toy's tests on other builds of the default toy, without another CPU.
 
-The default toy is one build: another CPU rounds otherwise and trains other weights
-(``benchmarks/RESULTS.md``), so a test that holds on this machine's build only turns CI red
-elsewhere with no change to the code. This script runs the test files that read the default toy
-(``TOY_TESTS``) against scratch caches (``$PYATTR_CACHE``) whose default entry holds another build:
+Every x86-64 CPU with AVX2 builds the same default toy (a build pins AVX2's kernels,
+``pyattr.toy.pinned``), but a CPU without AVX2 rounds otherwise and trains other weights, and so
+may Intel's MKL (not measured); a test that holds on one build only can then turn CI red there
+with no change to the code (``benchmarks/RESULTS.md``). This script runs the test files that
+read the default toy (``TOY_TESTS``) against scratch caches (``$PYATTR_CACHE``) whose default
+entry holds another build:
 
 - ``default``: the default entry itself, the reference;
 - ``weights:S``: recipe seed S's weights under the default's data and name: a stand-in for another

@@ -92,26 +92,28 @@ def _load(folder: Path):
     return model.eval()
 
 
-def _save(model, folder: Path) -> None:
-    """``model`` saved to ``folder`` atomically: an interrupted save never looks like a saved
-    model, and a run beside this one that saved it first wins."""
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    model.save_pretrained(tmp)
+def _place(saved: Path, folder: Path) -> None:
+    """The model saved in ``saved`` renamed into ``folder``: an interrupted save never looks
+    like a saved model, and a run beside this one that placed it first wins."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
     try:
-        tmp.rename(folder)
+        saved.rename(folder)
     except OSError:
         if not (folder / "config.json").exists():
             raise
-        shutil.rmtree(tmp)
+        shutil.rmtree(saved)
 
 
 def _train(recipe, splits, out: Path, threads: int | None = None):
     """(tokenizer, base, aligned), each model read from ``out`` when trained before: the base
     by ``_base_key``, the aligned model by the whole recipe's digest (so a second run of one
-    recipe measures other rows without training). ``threads`` other than the build's
+    recipe measures other rows without training). Trained as a build trains, in a child process
+    pinned to its instruction set (``pyattr.toy.pinned``), so a seed's models are the same on
+    every CPU that builds the default alike. ``threads`` other than the build's
     ``TRAIN_THREADS`` trains both stages on that many, and names both apart (their rounding
-    differs)."""
-    from pyattr.toy.train import TRAIN_THREADS, build_tokenizer, train
+    differs). ``splits``: ``recipe``'s (the child makes its own, the same)."""
+    from pyattr.toy.pinned import train_pinned
+    from pyattr.toy.train import TRAIN_THREADS, build_tokenizer
 
     threads = threads or TRAIN_THREADS
     suffix = "" if threads == TRAIN_THREADS else f"-t{threads}"
@@ -122,14 +124,21 @@ def _train(recipe, splits, out: Path, threads: int | None = None):
         print(f"seed {recipe.seed}: both stages read from {out}", flush=True)
         return build_tokenizer(), base, aligned
     stages = "both stages" if base is None else "alignment"
-    start = time.perf_counter()
-    tok, base, aligned = train(recipe, splits, base=base, threads=threads)
-    print(f"seed {recipe.seed}: {stages} in {time.perf_counter() - start:.0f} s", flush=True)
-    for model, where in ((base, folder), (aligned, done)):
-        if where is done or stages == "both stages":
-            where.parent.mkdir(parents=True, exist_ok=True)
-            _save(model, where)
-    return tok, base, aligned
+    scratch = out / f".train-{recipe.digest()}-{os.getpid()}"
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    try:
+        about = train_pinned(
+            recipe, scratch, base=folder if base is not None else None, threads=threads
+        )
+        seconds, isa = about["train_seconds"], about["cpu_capability"]
+        print(f"seed {recipe.seed}: {stages} in {seconds:.0f} s ({isa})", flush=True)
+        if stages == "both stages":
+            _place(scratch / "base", folder)
+        _place(scratch / "aligned", done)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return build_tokenizer(), _load(folder), _load(done)
 
 
 def rescale_safety(model, first: int, scale: float) -> None:

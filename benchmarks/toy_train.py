@@ -9,7 +9,9 @@ differs is the padding (a random batch of the toy's mixed tasks pads to about tw
 one pass) and the logits computed. Rows (``PATHS``): ms per step, tokens per step (real, and
 padded as run), real tokens per second, GFLOP/s, and each path's time over the reference's
 (Hugging Face's loss) measured in the same run. The floor of a step is its real tokens' FLOPs,
-about 6 x parameters x tokens for the forward and backward passes.
+about 6 x parameters x tokens for the forward and backward passes. The steps run in this process,
+with its own kernels; a build trains with AVX2's (``pyattr.toy.pinned``), so on an AVX-512 CPU
+run it under ``ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2`` to time a build's steps.
 """
 
 from __future__ import annotations

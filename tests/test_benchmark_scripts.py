@@ -2,6 +2,7 @@
 
 import math
 import re
+import shutil
 
 import pytest
 
@@ -158,6 +159,7 @@ def test_toy_search_smoke(tmp_path, monkeypatch, capsys):
     import pyattr.finetune
     from benchmarks import toy_search
     from pyattr.demo import FINETUNE
+    from pyattr.toy import pinned
     from pyattr.toy import train as toy_train
 
     tiny = "hidden_size=16 layers=1 heads=2 intermediate_size=24 instruct_steps=3 align_steps=2"
@@ -185,9 +187,9 @@ def test_toy_search_smoke(tmp_path, monkeypatch, capsys):
         assert edit in out
     assert len(list((tmp_path / "bases").iterdir())) == 1
     given = []
-    real = toy_train.train
+    real = pinned.train_pinned
     monkeypatch.setattr(
-        toy_train, "train", lambda *a, **k: given.append(k.get("base")) or real(*a, **k)
+        pinned, "train_pinned", lambda *a, **k: given.append(k.get("base")) or real(*a, **k)
     )
     again = ["--set", *tiny.split(), "align_steps=3", "--samples", "1", "--out", str(tmp_path)]
     regions = ["--freeze", "wanda:0.05:0.05", "--freeze", "snip:0.2:0.1"]
@@ -198,7 +200,9 @@ def test_toy_search_smoke(tmp_path, monkeypatch, capsys):
     )
     attacks = ["--attacks", "2:1", "2:1:1e-3", *regions, "--freeze-controls"]
     frozen = toy_search.main([*again, "--sd", "--ortho", *attacks])
-    assert len(given) == 1 and given[0] is not None  # the saved base, not a new stage 1
+    assert len(given) == 1 and given[0] == tmp_path / "bases" / next(  # the saved base's
+        p.name for p in (tmp_path / "bases").iterdir()
+    )  # folder, not a new stage 1
     assert rates == [FINETUNE["lr"]] * 5 + [1e-3] * 5  # each attack at its own rate
     for attack in ("attack n=2 steps=1", "attack n=2 steps=1 lr=0.001"):
         rows = [line for line in frozen.splitlines() if f"| {attack}, frozen " in line]
@@ -361,7 +365,7 @@ def test_toy_search_keeps_going_when_a_run_beside_it_saved_the_base(tmp_path, mo
     import dataclasses
 
     from benchmarks import toy_search
-    from pyattr.toy import train as toy_train
+    from pyattr.toy import pinned
     from pyattr.toy.recipe import Recipe, make_splits
 
     recipe = Recipe(
@@ -369,14 +373,14 @@ def test_toy_search_keeps_going_when_a_run_beside_it_saved_the_base(tmp_path, mo
     )
     recipe = dataclasses.replace(recipe, batch_size=4, utility_pool=300, text_sentences=10)
     folder = tmp_path / "bases" / toy_search._base_key(recipe)
-    real = toy_train.train
+    real = pinned.train_pinned
 
-    def beside(*args, **kwargs):  # the other run saves its base while this one trains
-        out = real(*args, **kwargs)
-        out[1].save_pretrained(folder)
-        return out
+    def beside(recipe, out, **kwargs):  # the other run saves its base while this one trains
+        about = real(recipe, out, **kwargs)
+        shutil.copytree(out / "base", folder)
+        return about
 
-    monkeypatch.setattr(toy_train, "train", beside)
+    monkeypatch.setattr(pinned, "train_pinned", beside)
     tok, base, aligned = toy_search._train(recipe, make_splits(recipe), tmp_path)
     assert (folder / "config.json").exists()
     assert [p.name for p in (tmp_path / "bases").iterdir()] == [folder.name]  # no leftover

@@ -14,6 +14,7 @@ from pyattr import toy
 from pyattr.data import Example, encode, load_pairs, load_prompts
 from pyattr.evaluate import LLAMA2_SYSTEM_PROMPT, KeywordJudge
 from pyattr.evaluate.asr import _encode, _Job
+from pyattr.toy import pinned
 from pyattr.toy.judge import ExactJudge, agreement
 from pyattr.toy.recipe import KNOWLEDGE, QUESTION, Recipe, make_splits
 from pyattr.toy.train import FORMATS, KINDS, SUFFIX_DRAWS, build_tokenizer, encode_pairs
@@ -154,6 +155,58 @@ def test_same_recipe_same_weights(cache, tmp_path, monkeypatch):
     second, _ = toy.load(recipe=TINY, progress=False)
     for a, b in zip(first.parameters(), second.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def _weights(entry: Path) -> bytes:
+    return (entry / "aligned" / "model.safetensors").read_bytes()
+
+
+def test_a_build_trains_pinned_to_avx2_whatever_the_environment_asks(cache, monkeypatch):
+    """The build trains with AVX2's kernels wherever the CPU has them and says so; a process
+    that asks ATen for other kernels (here the scalar ones, which train TINY to other weights)
+    still builds the same model, so the pin, not the caller's environment, decides."""
+    if pinned.capability() != "AVX2":
+        pytest.skip(f"this CPU ({pinned.capability()}) has no AVX2: a build trains natively")
+    entry = toy.build(TINY, progress=False)
+    assert json.loads((entry / "manifest.json").read_text())["cpu_capability"] == "AVX2"
+    monkeypatch.setenv("PYATTR_CACHE", str(cache.parent / "other"))
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "default")
+    other = toy.build(TINY, progress=False)
+    assert other != entry and _weights(other) == _weights(entry)
+
+
+def test_an_entry_trained_with_other_kernels_is_rebuilt(cache):
+    """An intact entry whose manifest names another instruction set than a build pins here (an
+    AVX-512 build from before the pin) is another model: it is rebuilt. One that names none (a
+    stand-in of ``benchmarks.toy_builds``) is kept."""
+    entry = toy.build(TINY, progress=False)
+    path = entry / "manifest.json"
+    manifest = json.loads(path.read_text())
+    path.write_text(json.dumps(manifest | {"cpu_capability": "SOMETHING_ELSE"}))
+    assert toy._valid(entry) and not toy._current(entry)
+    toy.build(TINY, progress=False)
+    assert json.loads(path.read_text())["cpu_capability"] == pinned.capability()
+    del manifest["cpu_capability"]
+    path.write_text(json.dumps(manifest))
+    stamp = path.stat().st_mtime_ns
+    assert toy.build(TINY, progress=False) == entry and path.stat().st_mtime_ns == stamp
+
+
+def test_pinned_training_ticks_reads_a_base_and_reports_failure(tmp_path):
+    """``train_pinned``: one tick a step; a base read from its folder aligns to the weights a
+    full run trains; an error in the child is raised here with its message, and a thread count
+    below 1 is refused before a process starts."""
+    ticks = []
+    about = pinned.train_pinned(TINY, tmp_path / "full", tick=ticks.append)
+    assert len(ticks) == TINY.instruct_steps + TINY.align_steps
+    assert about["train_threads"] == 2 and about["cpu_capability"] == pinned.capability()
+    again = pinned.train_pinned(TINY, tmp_path / "again", base=tmp_path / "full" / "base")
+    assert again["cpu_capability"] == about["cpu_capability"]
+    assert _weights(tmp_path / "again") == _weights(tmp_path / "full")
+    with pytest.raises(RuntimeError, match="child process.*\n(.|\n)*nowhere"):
+        pinned.train_pinned(TINY, tmp_path / "bad", base=tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="threads must be >= 1"):
+        pinned.train_pinned(TINY, tmp_path / "bad", threads=0)
 
 
 def _build_in_child(root: str, queue) -> None:

@@ -10,6 +10,8 @@ The cache lives in ``$PYATTR_CACHE`` or ``$XDG_CACHE_HOME/pyattr`` (``~/.cache/p
 hash of the recipe. An entry is built in a temporary directory and renamed into place when
 complete; a manifest of checksums, written last, is verified on every load, so a partial or
 corrupt entry is rebuilt; a file lock keeps two processes from building the same entry at once.
+The training runs in a child process pinned to AVX2's kernels wherever the CPU has them
+(``pinned``): the weights depend on the instruction set, and so every such CPU builds one model.
 """
 
 from __future__ import annotations
@@ -22,13 +24,13 @@ import io
 import json
 import os
 import shutil
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from ..io import cache_root
+from .pinned import capability, train_pinned
 from .recipe import Recipe, Splits, make_splits
 
 __all__ = [
@@ -71,6 +73,17 @@ def _valid(entry: Path) -> bool:
         return False
 
 
+def _current(entry: Path) -> bool:
+    """Valid, and trained with the instruction set a build pins here (``pinned.capability``):
+    an entry trained with another, such as an AVX-512 build from before the pin, is another model
+    and is rebuilt. An entry that names none (a stand-in that ``benchmarks.toy_builds`` writes)
+    is taken as it is."""
+    if not _valid(entry):
+        return False
+    trained = json.loads((entry / _MANIFEST).read_text()).get("cpu_capability")
+    return trained in (None, capability())
+
+
 @contextlib.contextmanager
 def _locked(path: Path) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -111,12 +124,19 @@ def _write_data(splits: Splits, folder: Path) -> None:
 def _write_entry(folder: Path, recipe: Recipe, splits: Splits, trained: tuple, about: dict) -> None:
     """Write a cache entry into the new ``folder``: the tokenizer, the base and aligned models of
     ``trained``, the data of ``splits``, ``recipe.json``, and last the manifest of checksums with
-    ``about`` (what the weights depend on beyond the recipe). ``build`` writes every entry so;
-    ``benchmarks.toy_builds`` writes other builds of the default with it."""
+    ``about`` (what the weights depend on beyond the recipe). ``benchmarks.toy_builds`` writes
+    other builds of the default with it; ``build`` has its models saved by the training
+    process and completes the entry as this does."""
     tok, base, aligned = trained
     tok.save_pretrained(folder / "tokenizer")
     base.save_pretrained(folder / "base")
     aligned.save_pretrained(folder / "aligned")
+    _finish_entry(folder, recipe, splits, about)
+
+
+def _finish_entry(folder: Path, recipe: Recipe, splits: Splits, about: dict) -> None:
+    """Complete an entry whose tokenizer and models are saved in ``folder``: the data, the
+    recipe and last the manifest."""
     _write_data(splits, folder / "data")
     (folder / "recipe.json").write_text(json.dumps(recipe.__dict__, indent=1, sort_keys=True))
     files = sorted(p for p in folder.rglob("*") if p.is_file())
@@ -133,37 +153,28 @@ def _progress(total: int, enabled: bool):
 
 
 def build(recipe: Recipe | None = None, *, force: bool = False, progress: bool = True) -> Path:
-    """The cache entry of ``recipe`` (default ``Recipe()``), built if missing or damaged."""
-    from .train import TRAIN_THREADS, train
-
+    """The cache entry of ``recipe`` (default ``Recipe()``), built if missing, damaged or trained
+    with another instruction set than a build pins here. The training runs in a child process
+    pinned to AVX2's kernels wherever the CPU has them (``pinned``), so every such CPU builds
+    the same model."""
     recipe = recipe or Recipe()
     entry = _entry(recipe)
-    if not force and _valid(entry):
+    if not force and _current(entry):
         return entry
     with _locked(entry.with_suffix(".lock")):
-        if not force and _valid(entry):  # another process finished it while we waited
+        if not force and _current(entry):  # another process finished it while we waited
             return entry
         for leftover in entry.parent.glob(f".{entry.name}.*"):  # an interrupted build's
             shutil.rmtree(leftover, ignore_errors=True)  # (we hold the lock: none is live)
         tmp = entry.parent / f".{entry.name}.tmp-{os.getpid()}"
-        splits = make_splits(recipe)
+        tmp.mkdir()
         bar = _progress(recipe.instruct_steps + recipe.align_steps, progress)
-        start = time.perf_counter()
         try:
-            tok, base, aligned = train(
-                recipe, splits, tick=(lambda s: bar.update(1)) if bar else None
-            )
+            about = train_pinned(recipe, tmp, tick=(lambda s: bar.update(1)) if bar else None)
         finally:
             if bar is not None:
                 bar.close()
-        about = {
-            "train_seconds": round(time.perf_counter() - start, 1),
-            "torch": torch.__version__,
-            # what the weights depend on beyond the recipe (see ``train.TRAIN_THREADS``)
-            "train_threads": TRAIN_THREADS,
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        }
-        _write_entry(tmp, recipe, splits, (tok, base, aligned), about)
+        _finish_entry(tmp, recipe, make_splits(recipe), about)
         if entry.exists():
             stale = entry.parent / f".{entry.name}.stale-{os.getpid()}"
             entry.rename(stale)

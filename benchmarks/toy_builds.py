@@ -115,6 +115,7 @@ def _check_entry(source: Path, recipe) -> None:
     """Refuse, with the reason, a cache entry that is damaged or of another recipe or training
     code than ``recipe``'s."""
     from pyattr import toy
+    from pyattr.toy.pinned import capability
 
     if not toy._valid(source):
         raise SystemExit(f"{source} is not a complete toy cache entry (a manifest checksum fails)")
@@ -127,6 +128,12 @@ def _check_entry(source: Path, recipe) -> None:
         raise SystemExit(
             f"{source} is named {source.name}, this code's build of the recipe "
             f"{recipe.digest()}: it was trained by other training code"
+        )
+    if not toy._current(source):
+        trained = json.loads((source / "manifest.json").read_text()).get("cpu_capability")
+        raise SystemExit(
+            f"{source} was trained with {trained} kernels, a build here pins "
+            f"{capability()}'s: the tests would rebuild it (an entry from before the pin)"
         )
 
 

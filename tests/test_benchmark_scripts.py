@@ -554,10 +554,15 @@ def test_toy_builds_runs_the_tests_against_each_build(tmp_path, monkeypatch, cap
     damaged = tmp_path / "damaged" / reference.name
     shutil.copytree(reference, damaged)
     (damaged / "data" / "text.txt").write_text("changed")
+    unpinned = tmp_path / "unpinned" / reference.name  # trained before the build pinned AVX2
+    shutil.copytree(reference, unpinned)
+    manifest = json.loads((unpinned / "manifest.json").read_text())
+    (unpinned / "manifest.json").write_text(json.dumps(manifest | {"cpu_capability": "AVX512"}))
     refusals = {
         f"entry:{other}": "another recipe (fields differ: ['seed'])",
         f"entry:{renamed}": "other training code",
         f"entry:{damaged}": "not a complete toy cache entry",
+        f"entry:{unpinned}": "trained with AVX512 kernels",
         f"entry:{tmp_path / 'nowhere'}": "no such folder",
         "seed:0": "the default's own build",
         "seed:x": "an integer",

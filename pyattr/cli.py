@@ -804,6 +804,9 @@ def _sweep_points(args) -> list:
             points += draws_of(point, args.control_draws) if control else [point]
     for pq in _pairs(args.rewind, ("p", "q"), float):
         points.append(Point("rewind", {"region": "set_difference"} | score | pq))
+        if args.controls:  # as many random weights rewound: the rewind's control
+            control = Point("rewind", {"region": "random_weights"} | score | pq)
+            points += draws_of(control, args.control_draws)
     if args.direction:
         points.append(Point("direction"))
         if args.controls:
@@ -1706,7 +1709,10 @@ def add_commands(commands) -> None:
     p.add_argument("--attack-data", help="harmful pairs to fine-tune on (default: the toy's)")
     p.add_argument("--finetune-lr", type=float, default=2e-4)
     p.add_argument(
-        "--rewind", nargs="+", help="p,q pairs: rewind that set difference from --rewind-from"
+        "--rewind",
+        nargs="+",
+        help="p,q pairs: rewind that set difference from --rewind-from (with --controls, as "
+        "many random weights too)",
     )
     p.add_argument("--rewind-from", help="the model rewind points copy weights from")
     p.add_argument(

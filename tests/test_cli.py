@@ -308,7 +308,8 @@ def test_model_folders_never_replace_what_pyattr_did_not_write(tmp_path):
 
 def test_sweep_reuses_cached_eigenbases_and_rewinds(tmp_path, monkeypatch):
     """`pyattr lowrank eigen` caches the bases once; the sweep reads them (never recomputes),
-    runs ActSVD-keep and rewinding points, and refuses a rewind without a source."""
+    runs ActSVD-keep and rewinding points (with --controls, as many random weights rewound, drawn
+    as the other controls), and refuses a rewind without a source."""
     import pyattr.lowrank
 
     d = tmp_path
@@ -323,13 +324,23 @@ def test_sweep_reuses_cached_eigenbases_and_rewinds(tmp_path, monkeypatch):
     sweep += ["--safety-eigen", str(d / "s.eigen"), "--utility-eigen", str(d / "u.eigen")]
     sweep += ["--max-new-tokens", "32", "--batch-size", "128"]
     points = ["--actsvd-keep", "0.5", "--rewind", "0.05,0.05", "--rewind-from", "toy"]
+    points += ["--controls", "--control-draws", "2"]
     assert main([*sweep, *points, "--out", str(d / "sweep")]) == 0
     rows = [json.loads(line) for line in (d / "sweep" / "results.jsonl").read_text().splitlines()]
     by = {r["edit"]: r for r in rows[1:]}
     assert set(by) == {"none", "actsvd_keep", "rewind"}
     assert by["actsvd_keep"]["unit"] == "ranks" and 0.4 < by["actsvd_keep"]["removed"] <= 0.5
-    # rewinding the aligned model from itself changes nothing
-    assert by["rewind"]["asr"] == by["none"]["asr"] and by["rewind"]["removed"] > 0
+    rewinds = [r for r in rows[1:] if r["edit"] == "rewind"]
+    assert [(r["params"]["region"], r["params"].get("seed")) for r in rewinds] == [
+        ("set_difference", None),
+        ("random_weights", 0),
+        ("random_weights", 1),
+    ]
+    # rewinding the aligned model from itself changes nothing, the region or its control
+    for row in rewinds:
+        assert row["asr"] == by["none"]["asr"] and row["removed"] == rewinds[0]["removed"] > 0
+    table = list(csv.DictReader((d / "sweep" / "results.csv").open()))
+    assert [row["draws"] for row in table] == ["", "", "", "2"]  # the control's draws pooled
     with pytest.raises(SystemExit, match="--rewind needs --rewind-from"):
         main([*sweep, "--rewind", "0.05,0.05", "--out", str(d / "x")])
     with pytest.raises(SystemExit, match="give both --safety-eigen and --utility-eigen"):

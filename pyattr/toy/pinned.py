@@ -17,9 +17,9 @@ which (``manifest.json``, ``cpu_capability``).
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import os
-import pickle
 import subprocess
 import sys
 import threading
@@ -71,7 +71,7 @@ def train_pinned(
     env = dict(os.environ)
     if torch.backends.cpu.get_cpu_capability() in PINNABLE:
         env.update(PIN)
-    args = [pickle.dumps(recipe).hex(), str(out), str(threads), str(base or "")]
+    args = [json.dumps(dataclasses.asdict(recipe)), str(out), str(threads), str(base or "")]
     proc = subprocess.Popen(
         [sys.executable, "-c", _CHILD, *args],
         env=env,
@@ -112,17 +112,18 @@ def _relay(stream, tail: collections.deque) -> None:
 
 
 def _child() -> None:
-    """The child's side of ``train_pinned``: argv is the pickled recipe (hex), the output
+    """The child's side of ``train_pinned``: argv is the recipe's fields (JSON), the output
     folder, the thread count and the base's folder (or empty). Prints ``step N`` as steps finish
     and ``about {...}`` last."""
-    recipe_hex, out, threads, base_dir = sys.argv[1:5]
+    fields, out, threads, base_dir = sys.argv[1:5]
     import transformers
 
     from .recipe import make_splits
     from .train import train
 
     transformers.utils.logging.disable_progress_bar()  # the parent shows the build's progress
-    recipe = pickle.loads(bytes.fromhex(recipe_hex))
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(fields).items()}
+    recipe = Recipe(**fields)  # JSON's lists are the recipe's tuples
     base = None
     if base_dir:  # eager attention, as a build trains (SDPA rounds otherwise)
         base = transformers.LlamaForCausalLM.from_pretrained(base_dir, attn_implementation="eager")

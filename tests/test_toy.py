@@ -192,15 +192,20 @@ def test_an_entry_trained_with_other_kernels_is_rebuilt(cache):
     assert toy.build(TINY, progress=False) == entry and path.stat().st_mtime_ns == stamp
 
 
-def test_pinned_training_ticks_reads_a_base_and_reports_failure(tmp_path):
-    """``train_pinned``: one tick a step; a base read from its folder aligns to the weights a
-    full run trains; an error in the child is raised here with its message, and a thread count
-    below 1 is refused before a process starts."""
+def test_pinned_training_ticks_reads_a_base_and_reports_failure(tmp_path, capfd, monkeypatch):
+    """``train_pinned``: one tick a step, the ticks kept off the caller's output and anything
+    else the child prints passed on; a base read from its folder aligns to the weights a full
+    run trains; an error in the child is raised here with its message, and a thread count below
+    1 is refused before a process starts."""
     ticks = []
     about = pinned.train_pinned(TINY, tmp_path / "full", tick=ticks.append)
     assert len(ticks) == TINY.instruct_steps + TINY.align_steps
+    assert "step" not in capfd.readouterr().out
     assert about["train_threads"] == 2 and about["cpu_capability"] == pinned.capability()
+    monkeypatch.setattr(pinned, "_CHILD", "print('a word from the child'); " + pinned._CHILD)
     again = pinned.train_pinned(TINY, tmp_path / "again", base=tmp_path / "full" / "base")
+    assert capfd.readouterr().out == "a word from the child\n"
+    monkeypatch.undo()
     assert again["cpu_capability"] == about["cpu_capability"]
     assert _weights(tmp_path / "again") == _weights(tmp_path / "full")
     with pytest.raises(RuntimeError, match="child process.*\n(.|\n)*nowhere"):

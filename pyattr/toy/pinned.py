@@ -64,8 +64,8 @@ def train_pinned(
     tokenizer and models under ``out`` (``tokenizer``, ``base``, ``aligned``); return what the
     weights depend on beyond the recipe (``cpu_capability``, ``train_threads``, ``torch``) and
     ``train_seconds``. ``base``: a folder of stage 1's model trained before (it is skipped);
-    ``threads``: as ``train``'s; ``tick(step)`` as steps finish. The child's error output is
-    passed on, and a failure raises RuntimeError with its last lines."""
+    ``threads``: as ``train``'s; ``tick(step)`` as steps finish. The child's other output is
+    passed on, and a failure raises RuntimeError with its error output's last lines."""
     if threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
     env = dict(os.environ)
@@ -90,6 +90,8 @@ def train_pinned(
                 tick(int(value))
             elif kind == "about":
                 about = json.loads(value)
+            elif kind != "step":  # anything else the child prints is the caller's to see
+                sys.stdout.write(line)
         status = proc.wait()
     finally:
         if proc.poll() is None:  # interrupted: the child's work is lost with the build's

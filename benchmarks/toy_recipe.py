@@ -1,7 +1,7 @@
 """Does the toy recipe show the paper's phenomena for every seed? The demo on the recipe with
 several seeds, each bar of tests/test_toy_model.py checked per seed, with its margin.
 
-    python -m benchmarks.toy_recipe                 # seeds 0 1 2 (builds each: 5-7.5 min a seed)
+    python -m benchmarks.toy_recipe                 # seeds 0 1 2 (builds each: 4.8-7.3 min a seed)
     python -m benchmarks.toy_recipe --seeds 0 --out /tmp/toy
 
 The recipe is chosen so that every bar holds with margin for the default seed and two others;

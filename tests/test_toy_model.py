@@ -9,7 +9,7 @@ or not the Wanda set difference is frozen.
 
 The bars are those that hold with margin for the default seed and two others (measured with
 ``python -m benchmarks.toy_search``); the tests state bars, never the figures of one build.
-Builds the default model on first use (5 to 7.5 minutes on 2 cores, by the CPU), then reads it
+Builds the default model on first use (4.8 to 7.3 minutes on 2 cores, by the CPU), then reads it
 from the cache. Every x86-64 CPU with AVX2 builds the same model (``pyattr.toy.pinned``); before
 the build was pinned, an AVX-512 machine's build failed two of these tests.
 """

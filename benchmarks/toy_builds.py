@@ -105,10 +105,9 @@ def _other_seed(recipe, seed: int, models: Path | None):
     """(tokenizer, base, aligned) of ``recipe`` at ``seed``, read from ``models`` or trained
     into it (``benchmarks.toy_search``'s store)."""
     from benchmarks.toy_search import _train
-    from pyattr.toy.recipe import make_splits
 
     other = dataclasses.replace(recipe, seed=seed)
-    return _train(other, make_splits(other), models)
+    return _train(other, models)
 
 
 def _check_entry(source: Path, recipe) -> None:

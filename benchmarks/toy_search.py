@@ -104,14 +104,14 @@ def _place(saved: Path, folder: Path) -> None:
         shutil.rmtree(saved)
 
 
-def _train(recipe, splits, out: Path, threads: int | None = None):
+def _train(recipe, out: Path, threads: int | None = None):
     """(tokenizer, base, aligned), each model read from ``out`` when trained before: the base
     by ``_base_key``, the aligned model by the whole recipe's digest (so a second run of one
     recipe measures other rows without training). Trained as a build trains, in a child process
     pinned to its instruction set (``pyattr.toy.pinned``), so a seed's models are the same on
     every CPU that builds the default alike. ``threads`` other than the build's
     ``TRAIN_THREADS`` trains both stages on that many, and names both apart (their rounding
-    differs). ``splits``: ``recipe``'s (the child makes its own, the same)."""
+    differs)."""
     from pyattr.toy.pinned import train_pinned
     from pyattr.toy.train import TRAIN_THREADS, build_tokenizer
 
@@ -186,7 +186,7 @@ def run_seed(recipe, args) -> list[dict]:
     from pyattr.toy.recipe import make_splits
 
     splits = make_splits(recipe)
-    tok, base, model = _train(recipe, splits, Path(args.out), args.train_threads)
+    tok, base, model = _train(recipe, Path(args.out), args.train_threads)
     if args.safety_scale != 1:
         if not recipe.safety_neurons:
             raise SystemExit("--safety-scale needs a recipe with safety neurons (safety_neurons=K)")

@@ -366,7 +366,7 @@ def test_toy_search_keeps_going_when_a_run_beside_it_saved_the_base(tmp_path, mo
 
     from benchmarks import toy_search
     from pyattr.toy import pinned
-    from pyattr.toy.recipe import Recipe, make_splits
+    from pyattr.toy.recipe import Recipe
 
     recipe = Recipe(
         hidden_size=16, layers=1, heads=2, intermediate_size=24, instruct_steps=2, align_steps=1
@@ -381,7 +381,7 @@ def test_toy_search_keeps_going_when_a_run_beside_it_saved_the_base(tmp_path, mo
         return about
 
     monkeypatch.setattr(pinned, "train_pinned", beside)
-    tok, base, aligned = toy_search._train(recipe, make_splits(recipe), tmp_path)
+    tok, base, aligned = toy_search._train(recipe, tmp_path)
     assert (folder / "config.json").exists()
     assert [p.name for p in (tmp_path / "bases").iterdir()] == [folder.name]  # no leftover
 
@@ -395,14 +395,13 @@ def test_toy_search_aligns_a_saved_base_as_a_build_does(tmp_path):
     import torch
 
     from benchmarks import toy_search
-    from pyattr.toy.recipe import Recipe, make_splits
+    from pyattr.toy.recipe import Recipe
 
     recipe = Recipe(hidden_size=16, layers=1, heads=2, intermediate_size=24, instruct_steps=2)
     recipe = dataclasses.replace(recipe, batch_size=4, utility_pool=300, text_sentences=10)
     recipe = dataclasses.replace(recipe, align_steps=20)
-    splits = make_splits(recipe)
-    _, fresh_base, fresh = toy_search._train(recipe, splits, tmp_path)
-    _, saved_base, again = toy_search._train(recipe, splits, tmp_path)
+    _, fresh_base, fresh = toy_search._train(recipe, tmp_path)
+    _, saved_base, again = toy_search._train(recipe, tmp_path)
     assert saved_base.config._attn_implementation == fresh_base.config._attn_implementation
     for (name, a), b in zip(fresh.named_parameters(), again.parameters(), strict=True):
         assert torch.equal(a, b), name
